@@ -1,0 +1,3 @@
+"""datamarket: planned package of diffecon (see its issue); nothing public yet."""
+
+__all__: list[str] = []
