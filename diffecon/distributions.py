@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 
+@runtime_checkable
 class Marginal(Protocol):
     """A one-dimensional value distribution."""
 
@@ -222,6 +223,7 @@ class Discrete:
         return float(self.points[nonneg[0]]) if nonneg.size else math.inf
 
 
+@runtime_checkable
 class ValueModel(Protocol):
     """A joint distribution of ``values [*batch, bidders, dim]``."""
 

@@ -15,7 +15,7 @@ arrays: under ``jax.jit`` the checks reduce to trace-time shape checks and cost 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,7 @@ class Outcome:
         return jnp.sum(self.pay, axis=-1)
 
 
+@runtime_checkable
 class Mechanism(Protocol):
     """A pure function of bids: ``mechanism(bids [*batch, bidders, items]) -> Outcome``.
 
