@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import PRNGKeyArray
+from jaxtyping import PRNGKeyArray, TypeCheckError
 
 from diffecon.outcome import Outcome, utility
 from diffecon.settings import Setting
@@ -135,7 +135,9 @@ def check_mechanism(
     for what, bad in bad_inputs.items():
         try:
             mechanism(bad)
-        except ValueError:
+        except (ValueError, TypeCheckError):
+            # TypeCheckError: jaxtyping's run-time shape check (active under pytest) fired before
+            # the mechanism's own ValueError; it names the expected shape just as clearly.
             continue
         except Exception as err:  # noqa: BLE001 - the point is to report the wrong kind
             _fail(f"{what} raised {type(err).__name__} instead of ValueError: {err}")
