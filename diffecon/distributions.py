@@ -167,7 +167,7 @@ class Discrete:
         if np.any(np.diff(pts) <= 0) or pts[0] < 0:
             raise ValueError(f"Discrete points must be non-negative and increasing, got {pts}")
         if np.any(prs < 0) or not np.isclose(prs.sum(), 1.0, atol=1e-9):
-            raise ValueError(f"Discrete probs must be >= 0 and sum to 1, got {prs} (sum {prs.sum()})")
+            raise ValueError(f"Discrete probs must be >= 0 and sum to 1, got {prs} ({prs.sum()})")
 
     @property
     def low(self) -> float:
@@ -317,7 +317,7 @@ class CombinatorialValues:
             raise ValueError("CombinatorialValues needs one bound per bidder in every tuple")
         for lo, hi, clo in zip(self.item_low, self.item_high, self.comp_low, strict=True):
             if not 0 <= lo < hi or 2 * lo + clo < 0:
-                raise ValueError("CombinatorialValues needs 0 <= item_low < item_high and bundle >= 0")
+                raise ValueError("CombinatorialValues needs 0 <= item_low < item_high, bundle >= 0")
 
     @property
     def shape(self) -> tuple[int, int]:

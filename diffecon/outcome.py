@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.core import Tracer
 from jaxtyping import Array, Float
 
 __all__ = [
@@ -77,7 +78,7 @@ def utility(
 
 def is_concrete(x: object) -> bool:
     """True when ``x`` holds actual numbers (not a tracer inside ``jit``/``vmap``/``grad``)."""
-    return not isinstance(x, jax.core.Tracer)
+    return not isinstance(x, Tracer)
 
 
 def check_bids(

@@ -11,6 +11,9 @@ exactly as the reference implementation does. Training runs through :func:`diffe
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,15 +26,24 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from diffecon.outcome import Outcome, check_bids, utility
 from diffecon.regret import ascend_misreports, misreport_utility
 from diffecon.settings import Setting
-from diffecon.training import TrainConfig, TrainResult, train
+from diffecon.training import (
+    TrainConfig,
+    TrainResult,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 __all__ = [
     "RegretNet",
     "RegretNetConfig",
     "RegretNetTrainState",
     "init_regretnet_state",
-    "regretnet_step_fn",
+    "load_regretnet",
     "regretnet_sample_fn",
+    "regretnet_step_fn",
+    "save_regretnet",
     "train_regretnet",
 ]
 
@@ -41,10 +53,7 @@ class _MLP(nnx.Module):
         init = nnx.initializers.glorot_uniform()
         sizes = [n_in] + [hidden] * layers
         self.hidden = nnx.List(
-            [
-                nnx.Linear(a, b, kernel_init=init, rngs=rngs)
-                for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-            ]
+            [nnx.Linear(a, b, kernel_init=init, rngs=rngs) for a, b in itertools.pairwise(sizes)]
         )
         self.out = nnx.Linear(sizes[-1], n_out, kernel_init=init, rngs=rngs)
 
@@ -238,9 +247,7 @@ def regretnet_step_fn(graphdef: nnx.GraphDef, setting: Setting, config: RegretNe
             regret = jnp.mean(jax.nn.relu(u_mis - u_true), axis=0)  # [bidders]
             revenue = jnp.mean(out.revenue)
             loss = (
-                -revenue
-                + jnp.sum(state.lagrange * regret)
-                + 0.5 * state.rho * jnp.sum(regret**2)
+                -revenue + jnp.sum(state.lagrange * regret) + 0.5 * state.rho * jnp.sum(regret**2)
             )
             return loss, (revenue, regret)
 
@@ -252,7 +259,9 @@ def regretnet_step_fn(graphdef: nnx.GraphDef, setting: Setting, config: RegretNe
             t % config.lagrange_every == 0, state.lagrange + state.rho * regret, state.lagrange
         )
         rho = jnp.where(t % config.rho_every == 0, state.rho + config.rho_increment, state.rho)
-        misreports = state.misreports.at[batch].set(mis) if config.train_set_size else state.misreports
+        misreports = (
+            state.misreports.at[batch].set(mis) if config.train_set_size else state.misreports
+        )
         new = RegretNetTrainState(
             params=params,
             opt_state=opt_state,
@@ -294,3 +303,41 @@ def train_regretnet(
         fingerprint={"setting": setting.name, **dataclasses.asdict(config)},
     )
     return nnx.merge(graphdef, result.state.params), result
+
+
+def save_regretnet(
+    model: RegretNet, directory: str | Path, *, setting: Setting, config: RegretNetConfig, step: int
+) -> Path:
+    """Save a trained RegretNet's parameters and config (no optimiser state, no training set)."""
+    _, params = nnx.split(model)
+    meta = {"setting": setting.name, "regretnet_config": dataclasses.asdict(config)}
+    return save_checkpoint(directory, step, params, meta=meta, max_to_keep=1)
+
+
+def load_regretnet(directory: str | Path, setting: Setting) -> tuple[RegretNet, dict[str, Any]]:
+    """Load a RegretNet saved by :func:`save_regretnet` for ``setting``.
+
+    Raises:
+      ValueError: no checkpoint, a checkpoint for another setting, or a corrupt/mismatched one.
+    """
+    step = latest_checkpoint(directory)
+    if step is None:
+        raise ValueError(f"no RegretNet checkpoint in {str(directory)!r}")
+    meta = json.loads((Path(directory).resolve() / f"step_{step:09d}" / "meta.json").read_text())
+    if meta.get("setting") != setting.name:
+        raise ValueError(
+            f"checkpoint {str(directory)!r} holds a RegretNet for {meta.get('setting')!r}, "
+            f"not {setting.name!r}"
+        )
+    config = RegretNetConfig(**meta["regretnet_config"])
+    model = RegretNet(
+        n_bidders=setting.n_bidders,
+        n_items=setting.n_items,
+        valuation=setting.valuation,
+        hidden=config.hidden,
+        layers=config.layers,
+        rngs=nnx.Rngs(0),
+    )
+    graphdef, like = nnx.split(model)
+    params, meta = restore_checkpoint(directory, like, step=step)
+    return nnx.merge(graphdef, params), meta

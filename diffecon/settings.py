@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -131,7 +130,9 @@ class Setting:
             batch_shape = (batch_shape,)
         return self.values.sample(key, tuple(batch_shape))
 
-    def project(self, bids: Float[Array, "*batch bidders items"]) -> Float[Array, "*batch bidders items"]:
+    def project(
+        self, bids: Float[Array, "*batch bidders items"]
+    ) -> Float[Array, "*batch bidders items"]:
         """Clip reports onto the support (used by misreport searches)."""
         return jnp.clip(bids, jnp.asarray(self.low), jnp.asarray(self.high))
 
@@ -263,7 +264,7 @@ def _register_defaults() -> None:
             valuation="unit_demand",
             values=IndependentValues.iid(Uniform(0.0, 1.0), n_bidders=1, n_items=2),
             references=(
-                Reference("optimal", 2 / (3 * 3**0.5), True, "Pavlov (2011): both items at 1/sqrt 3"),
+                Reference("optimal", 2 / (3 * 3**0.5), True, "Pavlov (2011): items at 1/sqrt 3"),
             ),
             description="1 unit-demand bidder, 2 items, values U[0,1]",
         )
@@ -287,9 +288,7 @@ def _register_defaults() -> None:
             valuation="additive",
             values=IndependentValues.per_item([Uniform(4.0, 16.0), Uniform(4.0, 7.0)], n_bidders=1),
             references=(
-                Reference(
-                    "optimal", 88 / 9, True, "Daskalakis, Deckelbaum & Tzamos (2017): U[4,16]xU[4,7]"
-                ),
+                Reference("optimal", 88 / 9, True, "Daskalakis, Deckelbaum & Tzamos (2017)"),
             ),
             description="1 additive bidder, values U[4,16] x U[4,7]",
         )
@@ -356,9 +355,7 @@ def _register_defaults() -> None:
             n_bidders=2,
             n_items=2,
             valuation="additive",
-            values=IndependentValues.iid(
-                Discrete((3.0, 7.0), (0.5, 0.5)), n_bidders=2, n_items=2
-            ),
+            values=IndependentValues.iid(Discrete((3.0, 7.0), (0.5, 0.5)), n_bidders=2, n_items=2),
             description="2 additive bidders, 2 items, each value 3 or 7 w.p. 1/2 (Yao 2017)",
         )
     )
@@ -409,4 +406,3 @@ def _register_defaults() -> None:
 
 
 _register_defaults()
-

@@ -139,7 +139,7 @@ def check_mechanism(
             # TypeCheckError: jaxtyping's run-time shape check (active under pytest) fired before
             # the mechanism's own ValueError; it names the expected shape just as clearly.
             continue
-        except Exception as err:  # noqa: BLE001 - the point is to report the wrong kind
+        except Exception as err:
             _fail(f"{what} raised {type(err).__name__} instead of ValueError: {err}")
         _fail(f"{what} were accepted; expected a ValueError naming the problem")
 

@@ -2,10 +2,10 @@
 
 A package supplies two pure functions:
 
-* ``sample_batch(key, state) -> batch``: a pytree whose leaves have a leading batch axis (it may read
-  the state, e.g. to index a fixed training set);
-* ``step_fn(state, batch, key) -> (state, metrics)``: one optimisation step; ``metrics`` is a dict of
-  scalars.
+* ``sample_batch(key, state) -> batch``: a pytree whose leaves have a leading batch axis (it may
+  read the state, e.g. to index a fixed training set);
+* ``step_fn(state, batch, key) -> (state, metrics)``: one optimisation step; ``metrics`` is a dict
+  of scalars.
 
 ``train`` owns everything else. The PRNG key of step ``t`` is ``fold_in(key(seed), t)``, so a run
 stopped after a checkpoint and resumed reproduces the uninterrupted run bit for bit. Batches are
@@ -179,9 +179,7 @@ def save_checkpoint(
     finally:
         ckptr.close()
     if max_to_keep:
-        kept = sorted(
-            p for p in d.iterdir() if p.is_dir() and p.name.startswith("step_")
-        )
+        kept = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step_"))
         for old in kept[:-max_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -218,7 +216,9 @@ def restore_checkpoint(
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt: cannot read meta.json ({err})") from err
+        raise ValueError(
+            f"checkpoint {str(path)!r} is corrupt: cannot read meta.json ({err})"
+        ) from err
     want, have = _signature(like), meta.get("signature")
     if want != have:
         if not isinstance(have, list) or len(want) != len(have):

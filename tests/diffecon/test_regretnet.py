@@ -1,4 +1,3 @@
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ from diffecon.training import TrainConfig
 
 
 @pytest.mark.parametrize(
-    "name", ["additive_2x2_uniform", "unit_2x2_uniform", "additive_1x2_uniform", "additive_3x10_uniform"]
+    "name",
+    ["additive_2x2_uniform", "unit_2x2_uniform", "additive_1x2_uniform", "additive_3x10_uniform"],
 )
 def test_regretnet_passes_the_conformance_checker(name):
     s = get_setting(name)
@@ -55,3 +55,20 @@ def test_short_training_raises_revenue_and_logs_metrics():
     )
     assert isinstance(model, RegretNet)
     check_mechanism(model, s)
+
+
+def test_save_and_load_round_trip(tmp_path, key):
+    s = get_setting("additive_2x2_uniform")
+    cfg = RegretNetConfig(hidden=8)
+    model = RegretNet(n_bidders=2, n_items=2, hidden=8, rngs=nnx.Rngs(5))
+    from diffecon.regretnet import load_regretnet, save_regretnet
+
+    save_regretnet(model, tmp_path / "rn", setting=s, config=cfg, step=7)
+    loaded, meta = load_regretnet(tmp_path / "rn", s)
+    v = s.sample(key, (16,))
+    np.testing.assert_array_equal(model(v).pay, loaded(v).pay)
+    assert meta["step"] == 7
+    with pytest.raises(ValueError, match="not 'additive_1x2_uniform'"):
+        load_regretnet(tmp_path / "rn", get_setting("additive_1x2_uniform"))
+    with pytest.raises(ValueError, match="no RegretNet checkpoint"):
+        load_regretnet(tmp_path / "nothing", s)

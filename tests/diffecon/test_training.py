@@ -55,7 +55,7 @@ def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
-class _Killed(Exception):
+class _KilledError(Exception):
     pass
 
 
@@ -64,9 +64,9 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
 
     def kill_at_25(step, _row):
         if step == 25:
-            raise _Killed
+            raise _KilledError
 
-    with pytest.raises(_Killed):
+    with pytest.raises(_KilledError):
         _run(tmp_path, 40, name="killed", on_log=kill_at_25)
     assert latest_checkpoint(tmp_path / "killed") == 20
     resumed = _run(tmp_path, 40, name="killed")

@@ -1,0 +1,293 @@
+"""``python -m benchmarks speed``: RegretNet training speed and time to a target revenue.
+
+Iterations per second at RegretNet's own configuration (batch 128, 25 misreport Adam steps per
+iteration) on 2x2 and 3x10, for two implementations run in the same process:
+
+* ``fused``: the shared loop (``diffecon.train``): misreport search, network update and multiplier
+  updates in one jitted step, ``steps_per_call`` steps per dispatch via ``lax.scan``;
+* ``per_op_dispatch``: the reference implementation's structure (one ``sess.run`` per misreport
+  step and one per update), reproduced in JAX with a jitted misreport step and a jitted update
+  called from Python; same maths, same shapes.
+
+Their ratio is the speed-up of fusing. Compile time is measured apart. Then the wall time for
+RegretNet on 2x2 to reach a target (training-batch revenue and regret, averaged over a logging
+window) with the default recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from benchmarks.common import make_record, markdown_table, write_json
+from diffecon.outcome import utility
+from diffecon.plotting import plot_training_curves, save_figure
+from diffecon.regret import misreport_utility
+from diffecon.regretnet import (
+    RegretNetConfig,
+    init_regretnet_state,
+    regretnet_sample_fn,
+    regretnet_step_fn,
+)
+from diffecon.settings import Setting, get_setting
+from diffecon.training import TrainConfig, train
+
+SUITE = "speed"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedConfig:
+    """Options of the speed suite.
+
+    Attributes:
+      settings: where iterations per second are measured.
+      iterations: timed iterations per implementation (after a warm-up that compiles).
+      train_set_size: RegretNet's fixed training set for these runs (does not affect speed).
+      target_setting: where the time to a target revenue is measured.
+      target_revenue: training-batch revenue to reach...
+      target_regret: ...with training-batch regret at most this.
+      max_steps: give up after this many steps.
+      seed: seeds everything.
+      quick: a small smoke run.
+      out: output folder.
+    """
+
+    settings: tuple[str, ...] = ("additive_2x2_uniform", "additive_3x10_uniform")
+    iterations: int = 500
+    train_set_size: int = 65_536
+    target_setting: str = "additive_2x2_uniform"
+    target_revenue: float = 0.85
+    target_regret: float = 2e-3
+    max_steps: int = 40_000
+    seed: int = 0
+    quick: bool = False
+    out: str = "out/speed"
+
+
+def _fused_its(
+    setting: Setting, rn: RegretNetConfig, iterations: int, seed: int
+) -> tuple[float, float]:
+    """(iterations per second, compile seconds) of the shared loop.
+
+    One run of ``iterations + per_call`` steps logging after every call; the rate is taken between
+    the first and the last log, so the first call (which compiles) is excluded.
+    """
+    graphdef, state = init_regretnet_state(setting, rn, jax.random.key(seed))
+    per_call = max(1, min(100, iterations // 5))
+    res = train(
+        state,
+        regretnet_step_fn(graphdef, setting, rn),
+        regretnet_sample_fn(setting, rn),
+        TrainConfig(
+            steps=iterations + per_call,
+            steps_per_call=per_call,
+            log_every=per_call,
+            progress=False,
+            n_devices=1,
+        ),
+    )
+    first, last = res.history[0], res.history[-1]
+    its = (last["step"] - first["step"]) / (last["wall_s"] - first["wall_s"])
+    return its, max(0.0, first["wall_s"] - per_call / its)
+
+
+def _per_op_its(
+    setting: Setting, rn: RegretNetConfig, iterations: int, seed: int
+) -> tuple[float, float]:
+    """(iterations per second, compile seconds) with one dispatch per misreport step and update."""
+    graphdef, state = init_regretnet_state(setting, rn, jax.random.key(seed))
+    opt, mis_opt = optax.adam(rn.learning_rate), optax.adam(rn.misreport_lr)
+
+    @jax.jit
+    def mis_step(params, values, mis, mis_state):
+        net = nnx.merge(graphdef, params)
+        g = jax.grad(lambda m: -jnp.sum(misreport_utility(net, values, m)))(mis)
+        upd, mis_state = mis_opt.update(g, mis_state, mis)
+        return setting.project(jnp.asarray(optax.apply_updates(mis, upd))), mis_state
+
+    @jax.jit
+    def update(params, opt_state, values, mis, lagrange, rho):
+        def loss_fn(p):
+            net = nnx.merge(graphdef, p)
+            out = net(values)
+            regret = jnp.mean(
+                jax.nn.relu(misreport_utility(net, values, mis) - utility(values, out)), 0
+            )
+            return (
+                -jnp.mean(out.revenue) + jnp.sum(lagrange * regret) + 0.5 * rho * jnp.sum(regret**2)
+            )
+
+        grads = jax.grad(loss_fn)(params)
+        upd, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, upd), opt_state
+
+    params, opt_state = state.params, state.opt_state
+    key = jax.random.key(seed)
+
+    def iteration(i, params, opt_state):
+        idx = jax.random.randint(jax.random.fold_in(key, i), (rn.batch_size,), 0, rn.train_set_size)
+        values, mis = state.data[idx], state.misreports[idx]
+        mis_state = mis_opt.init(mis)
+        for _ in range(rn.misreport_steps):
+            mis, mis_state = mis_step(params, values, mis, mis_state)
+        return update(params, opt_state, values, mis, state.lagrange, state.rho)
+
+    t0 = time.perf_counter()
+    params, opt_state = iteration(0, params, opt_state)
+    jax.block_until_ready(params)
+    compile_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for i in range(1, iterations + 1):
+        params, opt_state = iteration(i, params, opt_state)
+    jax.block_until_ready(params)
+    return iterations / (time.perf_counter() - t1), compile_s
+
+
+def run(config: SpeedConfig) -> list[dict[str, Any]]:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    iters = 20 if config.quick else config.iterations
+    size = 1024 if config.quick else config.train_set_size
+    records: list[dict[str, Any]] = []
+    for name in config.settings:
+        setting = get_setting(name)
+        rn = RegretNetConfig(train_set_size=size)
+        record = functools.partial(make_record, suite=SUITE, setting=name, seed=config.seed)
+        t0 = time.perf_counter()
+        fused, fused_compile = _fused_its(setting, rn, iters, config.seed)
+        fused_wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        per_op, per_op_compile = _per_op_its(setting, rn, iters, config.seed)
+        per_op_wall = time.perf_counter() - t0
+        for mech, its, comp, wall in (
+            ("regretnet_fused", fused, fused_compile, fused_wall),
+            ("regretnet_per_op_dispatch", per_op, per_op_compile, per_op_wall),
+        ):
+            records.append(
+                record(
+                    mechanism=mech,
+                    metric="iters_per_s",
+                    value=its,
+                    n_samples=iters,
+                    wall_s=wall,
+                )
+            )
+            records.append(record(mechanism=mech, metric="compile_s", value=comp, wall_s=wall))
+        records.append(
+            record(
+                mechanism="regretnet_fused",
+                metric="speedup_vs_per_op_dispatch",
+                value=fused / per_op,
+                n_samples=iters,
+                wall_s=fused_wall + per_op_wall,
+            )
+        )
+        print(
+            f"[speed] {name}: fused {fused:.1f} it/s, per-op dispatch {per_op:.1f} it/s, "
+            f"ratio {fused / per_op:.2f}",
+            flush=True,
+        )
+
+    # Time to a target revenue on the target setting with the default recipe.
+    setting = get_setting(config.target_setting)
+    rn = (
+        RegretNetConfig(rho_every=3750)
+        if not config.quick
+        else RegretNetConfig(train_set_size=size)
+    )
+    max_steps = 200 if config.quick else config.max_steps
+    graphdef, state = init_regretnet_state(setting, rn, jax.random.key(config.seed))
+    reached: dict[str, float] = {}
+
+    class _ReachedTargetError(Exception):
+        pass
+
+    def on_log(step, row):
+        history.append(row)
+        if row["revenue"] >= config.target_revenue and row["regret"] <= config.target_regret:
+            reached.update(step=step, wall_s=row["wall_s"])
+            raise _ReachedTargetError
+
+    t0 = time.perf_counter()
+    history: list[dict[str, Any]] = []
+    try:
+        res = train(
+            state,
+            regretnet_step_fn(graphdef, setting, rn),
+            regretnet_sample_fn(setting, rn),
+            TrainConfig(
+                steps=max_steps,
+                steps_per_call=100 if not config.quick else 20,
+                log_every=500 if not config.quick else 20,
+                progress=False,
+                seed=config.seed,
+            ),
+            on_log=on_log,
+        )
+        del res
+    except _ReachedTargetError:
+        pass
+    wall = time.perf_counter() - t0
+    record = functools.partial(
+        make_record,
+        suite=SUITE,
+        setting=config.target_setting,
+        mechanism="regretnet_fused",
+        seed=config.seed,
+    )
+    target = f"train revenue >= {config.target_revenue} with train regret <= {config.target_regret}"
+    if reached:
+        records.append(
+            record(
+                metric="wall_s_to_target",
+                value=reached["wall_s"],
+                wall_s=wall,
+                target=target,
+            )
+        )
+        records.append(
+            record(
+                metric="steps_to_target",
+                value=reached["step"],
+                wall_s=wall,
+                target=target,
+            )
+        )
+        print(f"[speed] reached {target} at step {reached['step']} after {reached['wall_s']:.1f}s")
+    else:
+        records.append(
+            record(
+                metric="wall_s_to_target",
+                value=float("nan"),
+                wall_s=wall,
+                target=f"NOT reached in {max_steps} steps: {target}",
+            )
+        )
+        print(f"[speed] did not reach {target} in {max_steps} steps")
+    if history:
+        save_figure(
+            plot_training_curves(history, title=f"RegretNet on {config.target_setting}"),
+            str(out / "time_to_target.png"),
+        )
+    write_json(records, out / "speed.json")
+    table = markdown_table(
+        records,
+        metrics=(
+            "iters_per_s",
+            "compile_s",
+            "speedup_vs_per_op_dispatch",
+            "wall_s_to_target",
+            "steps_to_target",
+        ),
+    )
+    (out / "speed.md").write_text(table)
+    print(table)
+    return records
