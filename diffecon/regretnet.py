@@ -126,6 +126,9 @@ class RegretNetConfig:
         (0: fresh profiles every step with misreports started from prior samples).
       misreport_steps: Adam steps on the batch's misreports per iteration.
       misreport_lr: their step size, relative to the support width.
+      misreport_grid: if > 0, before the Adam steps each bidder's cached misreport is replaced by
+        the best point of a grid with this many points per item when that point is better (a
+        stronger adversary than the paper's; for settings with at most two items).
       learning_rate: Adam step size of the networks.
       lagrange_init: initial Lagrange multiplier of each bidder's regret.
       lagrange_every: iterations between multiplier updates ``lambda += rho * regret``.
@@ -140,6 +143,7 @@ class RegretNetConfig:
     train_set_size: int = 640_000
     misreport_steps: int = 25
     misreport_lr: float = 0.1
+    misreport_grid: int = 0
     learning_rate: float = 1e-3
     lagrange_init: float = 5.0
     lagrange_every: int = 100
@@ -216,9 +220,35 @@ def regretnet_sample_fn(setting: Setting, config: RegretNetConfig):
     return sample
 
 
+def _misreport_grid(setting: Setting, points: int) -> jax.Array:
+    """``[grid, bidders, items]``: every bidder's reports on a regular grid over its support."""
+    if setting.value_dim > 2 or not setting.bounded:
+        raise ValueError(
+            f"misreport_grid needs a bounded setting with at most two items; {setting.name!r} has "
+            f"{setting.value_dim} and bounded={setting.bounded}"
+        )
+    axes = np.linspace(0.0, 1.0, points, dtype=np.float32)
+    unit = np.stack(np.meshgrid(*[axes] * setting.value_dim, indexing="ij"), -1).reshape(
+        -1, setting.value_dim
+    )
+    return jnp.asarray(setting.low[None] + unit[:, None, :] * (setting.high - setting.low)[None])
+
+
+def _best_of_grid(model, values, mis, grid):
+    """Replace each bidder's misreport by the best grid report where that is better."""
+    u_grid = jax.vmap(
+        lambda g: misreport_utility(model, values, jnp.broadcast_to(g, values.shape))
+    )(grid)
+    best = jnp.argmax(u_grid, axis=0)  # [batch, bidders]
+    best_mis = grid[best, jnp.arange(values.shape[-2])]  # [batch, bidders, items]
+    better = jnp.max(u_grid, axis=0) > misreport_utility(model, values, mis)
+    return jnp.where(better[..., None], best_mis, mis)
+
+
 def regretnet_step_fn(graphdef: nnx.GraphDef, setting: Setting, config: RegretNetConfig):
     """One RegretNet iteration: refresh misreports, step the networks, update the multipliers."""
     opt = _optimizer(config)
+    grid = _misreport_grid(setting, config.misreport_grid) if config.misreport_grid else None
     width = setting.high - setting.low
     misreport_lr = config.misreport_lr * float(np.mean(np.where(np.isfinite(width), width, 1.0)))
 
@@ -229,6 +259,8 @@ def regretnet_step_fn(graphdef: nnx.GraphDef, setting: Setting, config: RegretNe
         else:
             values, mis = batch["values"], batch["misreports"]
         model = nnx.merge(graphdef, state.params)
+        if grid is not None:
+            mis = _best_of_grid(model, values, mis, grid)
         mis = ascend_misreports(
             model,
             values,
@@ -287,20 +319,34 @@ def train_regretnet(
     setting: Setting,
     config: RegretNetConfig,
     train_config: TrainConfig,
+    *,
+    init_state: RegretNetTrainState | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> tuple[RegretNet, TrainResult]:
-    """Train RegretNet on ``setting`` through the shared loop; returns the model and the run."""
+    """Train RegretNet on ``setting`` through the shared loop; returns the model and the run.
+
+    Args:
+      setting: an additive or unit-demand setting.
+      config: network and training hyperparameters.
+      train_config: steps, seed, checkpoints.
+      init_state: continue from this state (e.g. the final state of an earlier stage trained with
+        another config) instead of a fresh initialisation; its networks must match ``config``.
+      fingerprint: extra facts a resumed run must share (e.g. which stage it continues).
+    """
     if setting.valuation not in ("additive", "unit_demand"):
         raise ValueError(
             f"RegretNet supports additive and unit_demand settings; {setting.name!r} is "
             f"{setting.valuation}"
         )
     graphdef, state = init_regretnet_state(setting, config, jax.random.key(train_config.seed))
+    if init_state is not None:
+        state = init_state
     result = train(
         state,
         regretnet_step_fn(graphdef, setting, config),
         regretnet_sample_fn(setting, config),
         train_config,
-        fingerprint={"setting": setting.name, **dataclasses.asdict(config)},
+        fingerprint={"setting": setting.name, **dataclasses.asdict(config), **(fingerprint or {})},
     )
     return nnx.merge(graphdef, result.state.params), result
 

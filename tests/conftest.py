@@ -8,10 +8,13 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+# Strict dtype promotion (equinox's habit) is not enabled: optax's Adam itself mixes Python floats
+# with int32 step counts, which strict mode rejects (checked with optax 0.2.8).

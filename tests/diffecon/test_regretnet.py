@@ -2,6 +2,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from diffecon.outcome import utility
 from diffecon.regretnet import RegretNet, RegretNetConfig, train_regretnet
@@ -72,3 +75,23 @@ def test_save_and_load_round_trip(tmp_path, key):
         load_regretnet(tmp_path / "rn", get_setting("additive_1x2_uniform"))
     with pytest.raises(ValueError, match="no RegretNet checkpoint"):
         load_regretnet(tmp_path / "nothing", s)
+
+
+_UNIT_NET = RegretNet(n_bidders=2, n_items=3, valuation="unit_demand", rngs=nnx.Rngs(11))
+_UNIT_SETTING_SHAPE = (2, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        (4, *_UNIT_SETTING_SHAPE),
+        elements=st.floats(0.0, 10.0, width=32, allow_nan=False),
+    )
+)
+def test_feasible_ir_and_nonnegative_for_any_bids(bids):
+    out = _UNIT_NET(jnp.asarray(bids))
+    alloc = np.asarray(out.alloc)
+    assert alloc.min() >= 0 and alloc.sum(-2).max() <= 1 + 1e-5 and alloc.sum(-1).max() <= 1 + 1e-5
+    assert np.asarray(out.pay).min() >= 0
+    assert float(jnp.min(utility(jnp.asarray(bids), out))) >= -1e-4

@@ -52,7 +52,7 @@ def test_itemwise_reference_values_match_the_spec():
 )
 def test_marginal_means_by_monte_carlo(marginal, mean, key):
     x = marginal.icdf(jax.random.uniform(key, (200_000,)))
-    assert mean_estimate(x).within(mean, n_se=4)
+    assert mean_estimate(x).within(mean, n_se=4.0)
 
 
 def test_virtual_values_vanish_at_the_myerson_reserve():
@@ -68,7 +68,7 @@ def test_discrete_virtual_values_and_sampling(key):
     assert d.myerson_reserve() == 7.0
     x = np.asarray(d.icdf(jax.random.uniform(key, (100_000,))))
     assert set(np.unique(x)) == {3.0, 7.0}
-    assert mean_estimate(x == 7.0).within(0.5, n_se=4)
+    assert mean_estimate(x == 7.0).within(0.5, n_se=4.0)
 
 
 @pytest.mark.parametrize(
