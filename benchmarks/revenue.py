@@ -55,16 +55,20 @@ DEFAULT_PLAN: dict[str, tuple[str, ...]] = {
 # stage's final state. Stage 1 is the reference configuration (batch 128, 25 misreport Adam steps
 # at lr 0.1, lambda from 5, rho from 1 by +5) for fewer iterations than the paper's 400k, with the
 # rho schedule compressed in proportion. Stage 2 continues with a stronger adversary (each cached
-# misreport first replaced by the best point of an 11 x 11 grid when better), because the paper's
-# adversary leaves regret that the strong test search finds.
+# misreport first replaced by the best point of an 11 x 11 grid when better, then Adam with a
+# decaying step size keeping its best iterate), because the paper's adversary overshoots and leaves
+# regret that the strong test search finds (see RegretNetConfig.misreport_keep_best).
+_STRONG_ADVERSARY: dict = dict(
+    misreport_grid=11, misreport_keep_best=True, misreport_final_lr_fraction=0.01
+)
 REGRETNET_RECIPES: dict[str, tuple[tuple[RegretNetConfig, int], ...]] = {
     "additive_2x2_uniform": (
         (RegretNetConfig(rho_every=3750), 150_000),
-        (RegretNetConfig(rho_every=3750, misreport_grid=11), 20_000),
+        (RegretNetConfig(rho_every=3750, **_STRONG_ADVERSARY), 20_000),
     ),
     "additive_1x2_uniform": (
         (RegretNetConfig(rho_every=2500), 100_000),
-        (RegretNetConfig(rho_every=2500, misreport_grid=11), 20_000),
+        (RegretNetConfig(rho_every=2500, **_STRONG_ADVERSARY), 20_000),
     ),
 }
 QUICK_REGRETNET = (

@@ -15,7 +15,7 @@ arrays: under ``jax.jit`` the checks reduce to trace-time shape checks and cost 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,10 @@ class Outcome:
       pay: ``[*batch, bidders]`` payments (non-negative for every mechanism in this project).
     """
 
-    alloc: Float[Array, "*batch bidders items"]
-    pay: Float[Array, "*batch bidders"]
+    # Annotated ``Any``: JAX rebuilds pytrees with placeholder leaves (``ShapeDtypeStruct`` under
+    # ``eval_shape``, numpy arrays after ``device_get``), which a run-time array check would reject.
+    alloc: Any
+    pay: Any
 
     @property
     def revenue(self) -> Float[Array, "*batch"]:

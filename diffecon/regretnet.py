@@ -129,6 +129,12 @@ class RegretNetConfig:
       misreport_grid: if > 0, before the Adam steps each bidder's cached misreport is replaced by
         the best point of a grid with this many points per item when that point is better (a
         stronger adversary than the paper's; for settings with at most two items).
+      misreport_keep_best: keep each bidder's best Adam iterate instead of the last one. At the
+        paper's step size the last iterate often overshoots: on a trained 1x2 RegretNet, 25 steps
+        at lr 0.1 from the best 11 x 11 grid point *lowered* the regret found from 6.8e-4 to
+        2.2e-4, while the strong search found 1.2e-3.
+      misreport_final_lr_fraction: cosine-decay the misreport step size to this fraction of itself
+        over the steps (1.0: constant, as in the paper).
       learning_rate: Adam step size of the networks.
       lagrange_init: initial Lagrange multiplier of each bidder's regret.
       lagrange_every: iterations between multiplier updates ``lambda += rho * regret``.
@@ -144,6 +150,8 @@ class RegretNetConfig:
     misreport_steps: int = 25
     misreport_lr: float = 0.1
     misreport_grid: int = 0
+    misreport_keep_best: bool = False
+    misreport_final_lr_fraction: float = 1.0
     learning_rate: float = 1e-3
     lagrange_init: float = 5.0
     lagrange_every: int = 100
@@ -166,13 +174,14 @@ class RegretNetTrainState:
       misreports: ``[train_set, bidders, items]`` cached misreports, row ``i`` bidder ``i``'s.
     """
 
+    # Leaves annotated ``Any`` (not arrays): JAX rebuilds pytrees with placeholder leaves.
     params: Any
     opt_state: Any
-    lagrange: jax.Array
-    rho: jax.Array
-    step: jax.Array
-    data: jax.Array
-    misreports: jax.Array
+    lagrange: Any
+    rho: Any
+    step: Any
+    data: Any
+    misreports: Any
 
 
 def _optimizer(config: RegretNetConfig) -> optax.GradientTransformation:
@@ -251,6 +260,12 @@ def regretnet_step_fn(graphdef: nnx.GraphDef, setting: Setting, config: RegretNe
     grid = _misreport_grid(setting, config.misreport_grid) if config.misreport_grid else None
     width = setting.high - setting.low
     misreport_lr = config.misreport_lr * float(np.mean(np.where(np.isfinite(width), width, 1.0)))
+    lr: float | optax.Schedule = misreport_lr
+    if config.misreport_final_lr_fraction < 1.0:
+        lr = optax.cosine_decay_schedule(
+            misreport_lr, config.misreport_steps, alpha=config.misreport_final_lr_fraction
+        )
+    project = setting.project
 
     def step(state: RegretNetTrainState, batch, key):
         del key  # the iteration is deterministic given its batch
@@ -266,8 +281,9 @@ def regretnet_step_fn(graphdef: nnx.GraphDef, setting: Setting, config: RegretNe
             values,
             mis,
             steps=config.misreport_steps,
-            learning_rate=misreport_lr,
-            project=setting.project,
+            learning_rate=lr,
+            project=project,
+            keep_best=config.misreport_keep_best,
         )
         mis = jax.lax.stop_gradient(mis)
 
