@@ -51,28 +51,52 @@ DEFAULT_PLAN: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# RegretNet training recipes: stages of (config, steps), each continuing from the previous
-# stage's final state. Stage 1 is the reference configuration (batch 128, 25 misreport Adam steps
-# at lr 0.1, lambda from 5, rho from 1 by +5) for fewer iterations than the paper's 400k, with the
-# rho schedule compressed in proportion. Stage 2 continues with a stronger adversary (each cached
-# misreport first replaced by the best point of an 11 x 11 grid when better, then Adam with a
-# decaying step size keeping its best iterate), because the paper's adversary overshoots and leaves
-# regret that the strong test search finds (see RegretNetConfig.misreport_keep_best).
+
+@dataclasses.dataclass(frozen=True)
+class RegretNetStage:
+    """One stage of a RegretNet recipe; each stage continues from the previous one's final state.
+
+    Attributes:
+      config: hyperparameters of this stage.
+      steps: iterations of this stage.
+      reset_multipliers: restart lambda and rho at ``config.lagrange_init`` / ``config.rho_init``.
+    """
+
+    config: RegretNetConfig
+    steps: int
+    reset_multipliers: bool = False
+
+
+# Stage 1 is the reference configuration (batch 128, 25 misreport Adam steps at lr 0.1, lambda from
+# 5, rho from 1 by +5) for fewer iterations than the paper's 400k, with the rho schedule compressed
+# in proportion. Stage 2 continues with a stronger adversary: each cached misreport is first
+# replaced by the best point of an 11 x 11 grid when better, then Adam with a decaying step size
+# keeps its best iterate. The paper's adversary overshoots and leaves regret that the strong test
+# search finds (see RegretNetConfig.misreport_keep_best): on 1x2, stage 1 alone measured regret
+# 1.3e-3 under the strong search. On 2x2, stage 1 already had regret 4.7e-4 and revenue 0.854, so
+# stage 2 restarts the multipliers lower and fixed (lambda 20, rho 20) to trade that spare regret
+# for revenue.
 _STRONG_ADVERSARY: dict = dict(
     misreport_grid=11, misreport_keep_best=True, misreport_final_lr_fraction=0.01
 )
-REGRETNET_RECIPES: dict[str, tuple[tuple[RegretNetConfig, int], ...]] = {
+REGRETNET_RECIPES: dict[str, tuple[RegretNetStage, ...]] = {
     "additive_2x2_uniform": (
-        (RegretNetConfig(rho_every=3750), 150_000),
-        (RegretNetConfig(rho_every=3750, **_STRONG_ADVERSARY), 20_000),
+        RegretNetStage(RegretNetConfig(rho_every=3750), 150_000),
+        RegretNetStage(
+            RegretNetConfig(
+                lagrange_init=20.0, rho_init=20.0, rho_increment=0.0, **_STRONG_ADVERSARY
+            ),
+            10_000,
+            reset_multipliers=True,
+        ),
     ),
     "additive_1x2_uniform": (
-        (RegretNetConfig(rho_every=2500), 100_000),
-        (RegretNetConfig(rho_every=2500, **_STRONG_ADVERSARY), 20_000),
+        RegretNetStage(RegretNetConfig(rho_every=2500), 100_000),
+        RegretNetStage(RegretNetConfig(rho_every=2500, **_STRONG_ADVERSARY), 20_000),
     ),
 }
 QUICK_REGRETNET = (
-    (
+    RegretNetStage(
         RegretNetConfig(
             hidden=32, batch_size=64, train_set_size=4096, misreport_steps=5, rho_every=50
         ),
@@ -104,8 +128,8 @@ class RevenueConfig:
     settings: tuple[str, ...] = ()
     mechanisms: tuple[str, ...] = ()
     n_samples: int = 1_000_000
-    regret_profiles: int = 10_000
-    baseline_regret_profiles: int = 1_000
+    regret_profiles: int = 500
+    baseline_regret_profiles: int = 200
     seed: int = 0
     pretrained: bool = True
     quick: bool = False
@@ -138,7 +162,8 @@ def _regretnet(setting: Setting, config: RevenueConfig) -> tuple[Any, dict[str, 
             f"no RegretNet recipe for {setting.name!r}; known: {sorted(REGRETNET_RECIPES)}"
         )
     state, history, train_wall = None, [], 0.0
-    for k, (rn_config, steps) in enumerate(stages, start=1):
+    for k, stage in enumerate(stages, start=1):
+        rn_config, steps = stage.config, stage.steps
         run_name = f"regretnet_{setting.name}" + (f"_stage{k}" if k > 1 else "")
         run_name += "_quick" if config.quick else ""
         model, result = train_regretnet(
@@ -154,7 +179,8 @@ def _regretnet(setting: Setting, config: RevenueConfig) -> tuple[Any, dict[str, 
                 run_name=run_name,
             ),
             init_state=state,
-            fingerprint={"stage": k, "stage1_steps": stages[0][1]} if k > 1 else None,
+            reset_multipliers=stage.reset_multipliers,
+            fingerprint={"stage": k, "stage1_steps": stages[0].steps} if k > 1 else None,
         )
         state = result.state
         offset = history[-1]["step"] if history else 0

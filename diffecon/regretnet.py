@@ -337,6 +337,7 @@ def train_regretnet(
     train_config: TrainConfig,
     *,
     init_state: RegretNetTrainState | None = None,
+    reset_multipliers: bool = False,
     fingerprint: dict[str, Any] | None = None,
 ) -> tuple[RegretNet, TrainResult]:
     """Train RegretNet on ``setting`` through the shared loop; returns the model and the run.
@@ -347,6 +348,8 @@ def train_regretnet(
       train_config: steps, seed, checkpoints.
       init_state: continue from this state (e.g. the final state of an earlier stage trained with
         another config) instead of a fresh initialisation; its networks must match ``config``.
+      reset_multipliers: with ``init_state``, restart the Lagrange multipliers and rho at
+        ``config.lagrange_init`` and ``config.rho_init`` (e.g. to trade spare regret for revenue).
       fingerprint: extra facts a resumed run must share (e.g. which stage it continues).
     """
     if setting.valuation not in ("additive", "unit_demand"):
@@ -356,13 +359,21 @@ def train_regretnet(
         )
     graphdef, state = init_regretnet_state(setting, config, jax.random.key(train_config.seed))
     if init_state is not None:
+        fresh = state
         state = init_state
+        if reset_multipliers:
+            state = dataclasses.replace(state, lagrange=fresh.lagrange, rho=fresh.rho)
     result = train(
         state,
         regretnet_step_fn(graphdef, setting, config),
         regretnet_sample_fn(setting, config),
         train_config,
-        fingerprint={"setting": setting.name, **dataclasses.asdict(config), **(fingerprint or {})},
+        fingerprint={
+            "setting": setting.name,
+            **dataclasses.asdict(config),
+            **({"reset_multipliers": True} if reset_multipliers else {}),
+            **(fingerprint or {}),
+        },
     )
     return nnx.merge(graphdef, result.state.params), result
 
