@@ -14,6 +14,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "revenue": ("benchmarks.revenue", "RevenueConfig"),
     "speed": ("benchmarks.speed", "SpeedConfig"),
     "readme": ("benchmarks.readme", "ReadmeConfig"),
+    "merge": ("benchmarks.merge", "MergeConfig"),
 }
 
 

@@ -114,6 +114,7 @@ class RevenueConfig:
     Attributes:
       settings: settings to run (default: those of the default plan).
       mechanisms: mechanisms to run on every chosen setting (default: the plan's per setting).
+      exclude: mechanisms to leave out.
       n_samples: profiles for revenue, welfare, IR and over-allocation.
       regret_profiles: profiles searched for regret on learned mechanisms.
       baseline_regret_profiles: profiles searched for regret on classic baselines.
@@ -127,6 +128,7 @@ class RevenueConfig:
 
     settings: tuple[str, ...] = ()
     mechanisms: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     n_samples: int = 1_000_000
     regret_profiles: int = 500
     baseline_regret_profiles: int = 200
@@ -142,9 +144,11 @@ def _plan(config: RevenueConfig) -> dict[str, tuple[str, ...]]:
     settings = config.settings or tuple(DEFAULT_PLAN)
     for name in settings:
         get_setting(name)  # unknown names fail here, before any work
-    if config.mechanisms:
-        return {s: config.mechanisms for s in settings}
-    return {s: DEFAULT_PLAN.get(s, ("vcg", "itemwise_myerson", "bundle_myerson")) for s in settings}
+    plan = {
+        s: config.mechanisms or DEFAULT_PLAN.get(s, ("vcg", "itemwise_myerson", "bundle_myerson"))
+        for s in settings
+    }
+    return {s: tuple(m for m in mechs if m not in config.exclude) for s, mechs in plan.items()}
 
 
 def _regretnet(setting: Setting, config: RevenueConfig) -> tuple[Any, dict[str, Any]]:

@@ -16,5 +16,6 @@ import pytest
 def key():
     return jax.random.key(0)
 
+
 # Strict dtype promotion (equinox's habit) is not enabled: optax's Adam itself mixes Python floats
 # with int32 step counts, which strict mode rejects (checked with optax 0.2.8).

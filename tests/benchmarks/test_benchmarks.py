@@ -55,13 +55,11 @@ def test_unknown_setting_fails_before_any_work(tmp_path):
 
 def test_unknown_suite_prints_usage(capsys):
     assert main(["nope"]) == 2
-    assert "suites: revenue, speed, readme" in capsys.readouterr().err
+    assert "suites: revenue, speed, readme, merge" in capsys.readouterr().err
 
 
 def test_speed_quick_smoke_run(tmp_path):
-    code = main(
-        ["speed", "--quick", "--settings", "additive_2x2_uniform", "--out", str(tmp_path)]
-    )
+    code = main(["speed", "--quick", "--settings", "additive_2x2_uniform", "--out", str(tmp_path)])
     assert code == 0
     records = _records(tmp_path / "speed.json")
     its = [r for r in records if r["metric"] == "iters_per_s"]
