@@ -18,6 +18,25 @@ import diffecon
 RESULTS_DIR = Path(__file__).parent / "results"
 CHECKPOINTS_DIR = RESULTS_DIR / "checkpoints"
 
+# Which metrics each suite's Markdown table shows (the suite's own table and the README's).
+TABLE_METRICS: dict[str, tuple[str, ...]] = {
+    "revenue": (
+        "revenue",
+        "regret_mean",
+        "regret_max",
+        "regret_share_above_1e-3",
+        "ir_violation",
+        "train_wall_s",
+    ),
+    "speed": (
+        "iters_per_s",
+        "compile_s",
+        "speedup_vs_per_op_dispatch",
+        "wall_s_to_target",
+        "steps_to_target",
+    ),
+}
+
 RECORD_KEYS = (
     "suite",
     "setting",
@@ -74,6 +93,8 @@ def make_record(
         "device": device_description(),
         "version": f"diffecon {diffecon.__version__}, jax {jax.__version__}",
         "command": command_line(),
+        # other work sharing the machine slows timings; the load says how much there was
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         **extra,
     }
 

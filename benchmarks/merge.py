@@ -10,8 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from benchmarks.common import markdown_table, read_json, write_json
-from benchmarks.readme import TABLES
+from benchmarks.common import TABLE_METRICS, markdown_table, read_json, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +35,7 @@ def run(config: MergeConfig) -> bool:
     out = Path(config.out)
     write_json(records, out)
     suite = records[0]["suite"] if records else "revenue"
-    table = markdown_table(records, metrics=TABLES.get(suite, ("revenue",)))
+    table = markdown_table(records, metrics=TABLE_METRICS.get(suite, ("revenue",)))
     out.with_suffix(".md").write_text(table)
     print(f"merged {len(records)} records from {len(config.inputs)} files into {out}")
     return True

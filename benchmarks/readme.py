@@ -11,28 +11,9 @@ import dataclasses
 import re
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, markdown_table, read_json
+from benchmarks.common import RESULTS_DIR, TABLE_METRICS, markdown_table, read_json
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-# Which metrics each table shows.
-TABLES: dict[str, tuple[str, ...]] = {
-    "revenue": (
-        "revenue",
-        "regret_mean",
-        "regret_max",
-        "regret_share_above_1e-3",
-        "ir_violation",
-        "train_wall_s",
-    ),
-    "speed": (
-        "iters_per_s",
-        "compile_s",
-        "speedup_vs_per_op_dispatch",
-        "wall_s_to_target",
-        "steps_to_target",
-    ),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +37,10 @@ def render(text: str, results: Path) -> str:
     def table(match: re.Match) -> str:
         name = match.group(1)
         path = results / name / f"{name}.json"
-        if name not in TABLES or not path.is_file():
+        if name not in TABLE_METRICS or not path.is_file():
             raise ValueError(f"README table {name!r} has no results file {path}")
         records = read_json(path)
-        body = markdown_table(records, metrics=TABLES[name])
+        body = markdown_table(records, metrics=TABLE_METRICS[name])
         commands = sorted({r["command"] for r in records})
         devices = sorted({r["device"] for r in records})
         note = f"\n_Generated from `benchmarks/results/{name}/{name}.json`; produced by "

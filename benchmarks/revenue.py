@@ -18,7 +18,13 @@ from typing import Any
 
 import jax
 
-from benchmarks.common import CHECKPOINTS_DIR, make_record, markdown_table, write_json
+from benchmarks.common import (
+    CHECKPOINTS_DIR,
+    TABLE_METRICS,
+    make_record,
+    markdown_table,
+    write_json,
+)
 from diffecon.baselines import make_baseline
 from diffecon.evaluation import evaluate
 from diffecon.plotting import (
@@ -314,17 +320,7 @@ def run(config: RevenueConfig) -> list[dict[str, Any]]:
                 str(out / f"revenue_{setting_name}.png"),
             )
     write_json(records, out / "revenue.json")
-    table = markdown_table(
-        records,
-        metrics=(
-            "revenue",
-            "regret_mean",
-            "regret_max",
-            "regret_share_above_1e-3",
-            "ir_violation",
-            "train_wall_s",
-        ),
-    )
+    table = markdown_table(records, metrics=TABLE_METRICS["revenue"])
     (out / "revenue.md").write_text(table)
     print(table)
     for line in reference_check(records):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from benchmarks.common import make_record, markdown_table, write_json
+from benchmarks.common import TABLE_METRICS, make_record, markdown_table, write_json
 from diffecon.outcome import utility
 from diffecon.plotting import plot_training_curves, save_figure
 from diffecon.regret import misreport_utility
@@ -278,16 +278,7 @@ def run(config: SpeedConfig) -> list[dict[str, Any]]:
             str(out / "time_to_target.png"),
         )
     write_json(records, out / "speed.json")
-    table = markdown_table(
-        records,
-        metrics=(
-            "iters_per_s",
-            "compile_s",
-            "speedup_vs_per_op_dispatch",
-            "wall_s_to_target",
-            "steps_to_target",
-        ),
-    )
+    table = markdown_table(records, metrics=TABLE_METRICS["speed"])
     (out / "speed.md").write_text(table)
     print(table)
     return records

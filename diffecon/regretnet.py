@@ -97,6 +97,18 @@ class RegretNet(nnx.Module):
         self.alloc_net = _MLP(n * m, n_alloc, hidden=hidden, layers=layers, rngs=rngs)
         self.pay_net = _MLP(n * m, n, hidden=hidden, layers=layers, rngs=rngs)
 
+    @classmethod
+    def for_setting(cls, setting: Setting, config: RegretNetConfig, *, rngs: nnx.Rngs) -> RegretNet:
+        """A RegretNet shaped for ``setting`` with ``config``'s network sizes."""
+        return cls(
+            n_bidders=setting.n_bidders,
+            n_items=setting.n_items,
+            valuation=setting.valuation,
+            hidden=config.hidden,
+            layers=config.layers,
+            rngs=rngs,
+        )
+
     def __call__(self, bids: Float[Array, "*batch bidders items"]) -> Outcome:
         n, m = self.n_bidders, self.n_items
         check_bids(bids, n_bidders=n, n_items=m)
@@ -193,14 +205,7 @@ def init_regretnet_state(
 ) -> tuple[nnx.GraphDef, RegretNetTrainState]:
     """Build a RegretNet for ``setting`` and its initial train state."""
     k_model, k_data, k_mis = jax.random.split(key, 3)
-    model = RegretNet(
-        n_bidders=setting.n_bidders,
-        n_items=setting.n_items,
-        valuation=setting.valuation,
-        hidden=config.hidden,
-        layers=config.layers,
-        rngs=nnx.Rngs(params=k_model),
-    )
+    model = RegretNet.for_setting(setting, config, rngs=nnx.Rngs(params=k_model))
     graphdef, params = nnx.split(model)
     size = config.train_set_size
     return graphdef, RegretNetTrainState(
@@ -403,14 +408,7 @@ def load_regretnet(directory: str | Path, setting: Setting) -> tuple[RegretNet, 
             f"not {setting.name!r}"
         )
     config = RegretNetConfig(**meta["regretnet_config"])
-    model = RegretNet(
-        n_bidders=setting.n_bidders,
-        n_items=setting.n_items,
-        valuation=setting.valuation,
-        hidden=config.hidden,
-        layers=config.layers,
-        rngs=nnx.Rngs(0),
-    )
+    model = RegretNet.for_setting(setting, config, rngs=nnx.Rngs(0))
     graphdef, like = nnx.split(model)
     params, meta = restore_checkpoint(directory, like, step=step)
     return nnx.merge(graphdef, params), meta
