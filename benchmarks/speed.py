@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -77,8 +79,8 @@ def _fused_its(
 ) -> tuple[float, float]:
     """(iterations per second, compile seconds) of the shared loop.
 
-    One run of ``iterations + per_call`` steps logging after every call; the rate is taken between
-    the first and the last log, so the first call (which compiles) is excluded.
+    One run of ``iterations + per_call`` steps logging after every call; the rate is the median
+    over calls after the first (which compiles).
     """
     graphdef, state = init_regretnet_state(setting, rn, jax.random.key(seed))
     per_call = max(1, min(100, iterations // 5))
@@ -94,15 +96,22 @@ def _fused_its(
             n_devices=1,
         ),
     )
-    first, last = res.history[0], res.history[-1]
-    its = (last["step"] - first["step"]) / (last["wall_s"] - first["wall_s"])
-    return its, max(0.0, first["wall_s"] - per_call / its)
+    # median of the per-call rates: robust to other work on the machine coming and going
+    rates = [
+        (b["step"] - a["step"]) / (b["wall_s"] - a["wall_s"])
+        for a, b in itertools.pairwise(res.history)
+    ]
+    its = float(np.median(rates))
+    return its, max(0.0, res.history[0]["wall_s"] - per_call / its)
 
 
 def _per_op_its(
     setting: Setting, rn: RegretNetConfig, iterations: int, seed: int
 ) -> tuple[float, float]:
-    """(iterations per second, compile seconds) with one dispatch per misreport step and update."""
+    """(iterations per second, compile seconds) with one dispatch per misreport step and update.
+
+    The rate is the median over blocks of iterations (robust to other work on the machine).
+    """
     graphdef, state = init_regretnet_state(setting, rn, jax.random.key(seed))
     opt, mis_opt = optax.adam(rn.learning_rate), optax.adam(rn.misreport_lr)
 
@@ -144,11 +153,15 @@ def _per_op_its(
     params, opt_state = iteration(0, params, opt_state)
     jax.block_until_ready(params)
     compile_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    for i in range(1, iterations + 1):
-        params, opt_state = iteration(i, params, opt_state)
-    jax.block_until_ready(params)
-    return iterations / (time.perf_counter() - t1), compile_s
+    block = max(1, iterations // 5)
+    rates = []
+    for start in range(1, iterations + 1, block):
+        t1 = time.perf_counter()
+        for i in range(start, min(start + block, iterations + 1)):
+            params, opt_state = iteration(i, params, opt_state)
+        jax.block_until_ready(params)
+        rates.append((min(start + block, iterations + 1) - start) / (time.perf_counter() - t1))
+    return float(np.median(rates)), compile_s
 
 
 def run(config: SpeedConfig) -> list[dict[str, Any]]:
