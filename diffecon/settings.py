@@ -237,6 +237,7 @@ def _register_defaults() -> None:
                 values=IndependentValues.iid(Uniform(0.0, 1.0), n_bidders=n, n_items=1),
                 references=(
                     Reference("myerson", _single_item_myerson(n), True, _MYERSON_SRC),
+                    Reference("itemwise_myerson", _single_item_myerson(n), True, _MYERSON_SRC),
                     Reference("optimal", _single_item_myerson(n), True, _MYERSON_SRC),
                     Reference("vcg", (n - 1) / (n + 1), True, "E[second highest of n U[0,1]]"),
                 ),
