@@ -31,7 +31,9 @@ def run(config: MergeConfig) -> bool:
     for path in config.inputs:
         for r in read_json(Path(path)):
             merged[(r["suite"], r["setting"], r["mechanism"], r["metric"])] = r
-    records = list(merged.values())
+    # keep each setting's rows together, settings in order of first appearance
+    order = {setting: i for i, setting in reversed(list(enumerate(k[1] for k in merged)))}
+    records = sorted(merged.values(), key=lambda r: order[r["setting"]])
     out = Path(config.out)
     write_json(records, out)
     suite = records[0]["suite"] if records else "revenue"
