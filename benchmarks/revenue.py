@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -78,10 +77,10 @@ class RegretNetStage:
 # in proportion. Stage 2 continues with a stronger adversary: each cached misreport is first
 # replaced by the best point of an 11 x 11 grid when better, then Adam with a decaying step size
 # keeps its best iterate. The paper's adversary overshoots and leaves regret that the strong test
-# search finds (see RegretNetConfig.misreport_keep_best): on 1x2, stage 1 alone measured regret
-# 1.3e-3 under the strong search. On 2x2, stage 1 already had regret 4.7e-4 and revenue 0.854, so
-# stage 2 restarts the multipliers lower and fixed (lambda 20, rho 20) to trade that spare regret
-# for revenue.
+# search finds (see RegretNetConfig.misreport_keep_best): on 1x2, stage 1 alone has regret 1.3e-3
+# under the strong search (benchmarks/results/revenue/regretnet_stage1, `--regretnet-stages 1`).
+# On 2x2, stage 1 already has regret 4.5e-4 at revenue 0.854, so stage 2 restarts the multipliers
+# lower and fixed (lambda 20, rho 20) to trade that spare regret for revenue.
 _STRONG_ADVERSARY: dict = dict(
     misreport_grid=11, misreport_keep_best=True, misreport_final_lr_fraction=0.01
 )
@@ -126,6 +125,9 @@ class RevenueConfig:
       baseline_regret_profiles: profiles searched for regret on classic baselines.
       seed: seeds training, evaluation and the regret search.
       pretrained: load RegretNet from committed checkpoints instead of training it.
+      regretnet_stages: train only the first this many stages of a recipe (0: all). A truncated
+        recipe is recorded as ``regretnet_stageK`` and never exported over the committed
+        checkpoints; it needs ``--no-pretrained`` (it resumes from ``runs_dir``).
       quick: a small smoke run (tiny training, 20k samples, the quick regret search).
       out: output folder.
       runs_dir: where training runs keep their resumable checkpoints.
@@ -140,6 +142,7 @@ class RevenueConfig:
     baseline_regret_profiles: int = 200
     seed: int = 0
     pretrained: bool = True
+    regretnet_stages: int = 0
     quick: bool = False
     out: str = "out/revenue"
     runs_dir: str = "runs"
@@ -160,6 +163,8 @@ def _plan(config: RevenueConfig) -> dict[str, tuple[str, ...]]:
 def _regretnet(setting: Setting, config: RevenueConfig) -> tuple[Any, dict[str, Any]]:
     """Train (or load) RegretNet for ``setting``; returns the model and facts to record."""
     ckpt = Path(config.checkpoints_dir) / f"regretnet_{setting.name}"
+    if config.regretnet_stages and config.pretrained:
+        raise ValueError("--regretnet-stages trains (or resumes) a recipe: add --no-pretrained")
     if config.pretrained and not config.quick:
         model, meta = load_regretnet(ckpt, setting)
         return model, {"train_wall_s": meta.get("train_wall_s"), "history": meta.get("history", [])}
@@ -171,6 +176,8 @@ def _regretnet(setting: Setting, config: RevenueConfig) -> tuple[Any, dict[str, 
         raise ValueError(
             f"no RegretNet recipe for {setting.name!r}; known: {sorted(REGRETNET_RECIPES)}"
         )
+    truncated = 0 < config.regretnet_stages < len(stages)
+    stages = stages[: config.regretnet_stages] if truncated else stages
     state, history, train_wall = None, [], 0.0
     for k, stage in enumerate(stages, start=1):
         rn_config, steps = stage.config, stage.steps
@@ -197,20 +204,16 @@ def _regretnet(setting: Setting, config: RevenueConfig) -> tuple[Any, dict[str, 
         history += [{**row, "step": row["step"] + offset, "stage": k} for row in result.history]
         # wall time of the whole stage, including parts done before a resume
         train_wall += result.history[-1]["wall_s"] if result.history else result.wall_s
-    if not config.quick:
-        save_regretnet(model, ckpt, setting=setting, config=rn_config, step=history[-1]["step"])
-        # the export's meta.json also records how long training took and its curve
-        _annotate_export(
-            ckpt, history[-1]["step"], {"train_wall_s": train_wall, "history": history}
+    if not (config.quick or truncated):
+        save_regretnet(
+            model,
+            ckpt,
+            setting=setting,
+            config=rn_config,
+            step=history[-1]["step"],
+            extra_meta={"train_wall_s": train_wall, "history": history},
         )
     return model, {"train_wall_s": train_wall, "history": history}
-
-
-def _annotate_export(ckpt: Path, step: int, extra: dict[str, Any]) -> None:
-    meta_path = ckpt.resolve() / f"step_{step:09d}" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta.update(extra)
-    meta_path.write_text(json.dumps(meta))
 
 
 def run(config: RevenueConfig) -> list[dict[str, Any]]:
@@ -230,13 +233,15 @@ def run(config: RevenueConfig) -> list[dict[str, Any]]:
             try:
                 if mech_name == "regretnet":
                     mech, extra = _regretnet(setting, config)
+                    if config.regretnet_stages:
+                        mech_name = f"regretnet_stage{config.regretnet_stages}"
                 else:
                     mech = make_baseline(mech_name, setting, key=jax.random.key(config.seed))
             except ValueError as err:
                 print(f"[revenue] skip {mech_name} on {setting_name}: {err}")
                 continue
             build_s = time.perf_counter() - t0
-            learned = mech_name in ("regretnet",)
+            learned = mech_name.startswith("regretnet")
             record = functools.partial(
                 make_record,
                 suite=SUITE,
@@ -298,7 +303,7 @@ def run(config: RevenueConfig) -> list[dict[str, Any]]:
                     plot_training_curves(extra["history"], title=f"{mech_name} on {setting_name}"),
                     str(out / f"train_{mech_name}_{setting_name}.png"),
                 )
-            if setting.value_dim == 2 and setting.bounded and mech_name in ("regretnet", "optimal"):
+            if setting.value_dim == 2 and setting.bounded and (learned or mech_name == "optimal"):
                 save_figure(
                     plot_allocation_map(mech, setting),
                     str(out / f"alloc_{mech_name}_{setting_name}.png"),

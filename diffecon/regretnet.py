@@ -142,9 +142,9 @@ class RegretNetConfig:
         the best point of a grid with this many points per item when that point is better (a
         stronger adversary than the paper's; for settings with at most two items).
       misreport_keep_best: keep each bidder's best Adam iterate instead of the last one. At the
-        paper's step size the last iterate often overshoots: on a trained 1x2 RegretNet, 25 steps
-        at lr 0.1 from the best 11 x 11 grid point *lowered* the regret found from 6.8e-4 to
-        2.2e-4, while the strong search found 1.2e-3.
+        paper's step size the last iterate often overshoots, so the paper's adversary reports
+        less regret than the strong test search finds (compare ``regretnet_stage1`` with the
+        regret it logged in training, in benchmarks/results/revenue).
       misreport_final_lr_fraction: cosine-decay the misreport step size to this fraction of itself
         over the steps (1.0: constant, as in the paper).
       learning_rate: Adam step size of the networks.
@@ -384,11 +384,21 @@ def train_regretnet(
 
 
 def save_regretnet(
-    model: RegretNet, directory: str | Path, *, setting: Setting, config: RegretNetConfig, step: int
+    model: RegretNet,
+    directory: str | Path,
+    *,
+    setting: Setting,
+    config: RegretNetConfig,
+    step: int,
+    extra_meta: dict[str, Any] | None = None,
 ) -> Path:
     """Save a trained RegretNet's parameters and config (no optimiser state, no training set)."""
     _, params = nnx.split(model)
-    meta = {"setting": setting.name, "regretnet_config": dataclasses.asdict(config)}
+    meta = {
+        "setting": setting.name,
+        "regretnet_config": dataclasses.asdict(config),
+        **(extra_meta or {}),
+    }
     return save_checkpoint(directory, step, params, meta=meta, max_to_keep=1)
 
 
