@@ -1,7 +1,8 @@
 """diffecon: differentiable economics in JAX (the shared core).
 
 The flat public API: settings and value distributions, the Outcome contract, classic baselines,
-the shared regret search, the training loop, RegretNet, evaluation and the conformance checker.
+the shared regret search, the training loop, RegretNet, evaluation, the conformance checker and the
+exact DSIC linear program of small discrete settings.
 Submodules (``diffecon.baselines``, ``diffecon.plotting``, ...) hold the rest.
 """
 
@@ -30,6 +31,7 @@ from diffecon.distributions import (
     Uniform,
 )
 from diffecon.evaluation import Estimate, evaluate, mean_estimate
+from diffecon.optimal_lp import OptimalLP, optimal_dsic_lp
 from diffecon.outcome import Mechanism, Outcome, check_bids, utility
 from diffecon.regret import (
     RegretConfig,
@@ -72,6 +74,7 @@ __all__ = [
     "Lomax",
     "Mechanism",
     "MenuMechanism",
+    "OptimalLP",
     "Outcome",
     "Reference",
     "RegretConfig",
@@ -100,6 +103,7 @@ __all__ = [
     "make_baseline",
     "mean_estimate",
     "misreport_utility",
+    "optimal_dsic_lp",
     "optimal_menu",
     "plotting",
     "register_setting",

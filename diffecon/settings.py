@@ -355,6 +355,15 @@ def _register_defaults() -> None:
             n_items=2,
             valuation="additive",
             values=IndependentValues.iid(Discrete((3.0, 7.0), (0.5, 0.5)), n_bidders=2, n_items=2),
+            references=(
+                Reference(
+                    "optimal",
+                    43 / 4,
+                    True,
+                    "DSIC LP optimum 43/4 (diffecon.optimal_dsic_lp; integral primal and dual "
+                    "certificate)",
+                ),
+            ),
             description="2 additive bidders, 2 items, each value 3 or 7 w.p. 1/2 (Yao 2017)",
         )
     )
