@@ -1,0 +1,268 @@
+"""Training GemNet: soft choice with an annealed temperature and an incompatibility penalty.
+
+Each bidder picks from its menu with weights ``softmax(kappa * u / scale)`` (``scale`` the largest
+bundle value, so ``kappa`` is unit-free); ``kappa`` grows geometrically from ``kappa_init`` to
+``kappa_final``. The loss is ``-revenue + lambda * I + rho / 2 * I^2`` where ``I`` is the expected
+soft over-allocation ``E[sum_j relu(sum_i alloc_ij - 1 + margin)]`` and ``lambda`` is an augmented
+Lagrange multiplier updated by ``lambda += rho * I``. Fresh profiles every step. The hard-choice
+revenue and over-allocation rate are tracked alongside (they are what the repair and evaluation
+see). Training runs through :func:`diffecon.train` (jit, sharding, checkpoints, resume, progress).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from diffecon.settings import Setting
+from diffecon.training import (
+    TrainConfig,
+    TrainResult,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    train,
+)
+from gemnet.model import GemNet, GemNetConfig, choose
+
+__all__ = [
+    "GemNetTrainConfig",
+    "GemNetTrainState",
+    "gemnet_step_fn",
+    "incompatibility",
+    "load_gemnet",
+    "over_allocation",
+    "save_gemnet",
+    "train_gemnet",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class GemNetTrainConfig:
+    """GemNet's training hyperparameters.
+
+    Attributes:
+      network: the menu networks' shape.
+      batch_size: fresh profiles per step.
+      learning_rate: Adam step size (cosine-decayed to ``final_lr_fraction`` of itself).
+      final_lr_fraction: see above.
+      kappa_init: initial inverse temperature of the soft choice (utilities over the price scale).
+      kappa_final: final inverse temperature, reached after ``anneal_fraction`` of the steps.
+      anneal_fraction: share of the run over which ``kappa`` grows.
+      lagrange_init: initial multiplier of the incompatibility.
+      rho: quadratic penalty weight (also the multiplier's step size).
+      lagrange_every: steps between multiplier updates.
+      margin: over-allocation is penalised from ``1 - margin`` on, which leaves the repair slack.
+    """
+
+    network: GemNetConfig = dataclasses.field(default_factory=GemNetConfig)
+    batch_size: int = 4096
+    learning_rate: float = 1e-3
+    final_lr_fraction: float = 0.05
+    kappa_init: float = 20.0
+    kappa_final: float = 2000.0
+    anneal_fraction: float = 0.8
+    lagrange_init: float = 1.0
+    rho: float = 10.0
+    lagrange_every: int = 50
+    margin: float = 0.0
+
+
+@struct.dataclass
+class GemNetTrainState:
+    """A GemNet run's carried state: ``params``, ``opt_state``, ``lagrange``, ``step``."""
+
+    params: Any
+    opt_state: Any
+    lagrange: Any
+    step: Any
+
+
+def incompatibility(
+    alloc: Float[Array, "*batch bidders items"], *, margin: float = 0.0
+) -> Float[Array, "*batch"]:
+    """``sum_j relu(sum_i alloc_ij - 1 + margin)`` per profile (the penalised over-allocation)."""
+    return jnp.sum(jax.nn.relu(jnp.sum(alloc, axis=-2) - 1.0 + margin), axis=-1)
+
+
+def over_allocation(alloc: Float[Array, "*batch bidders items"]) -> Float[Array, "*batch"]:
+    """``max_j (sum_i alloc_ij - 1)^+`` per profile: how far a profile breaks feasibility."""
+    return jnp.maximum(jnp.max(jnp.sum(alloc, axis=-2) - 1.0, axis=-1), 0.0)
+
+
+def _schedules(config: GemNetTrainConfig, steps: int):
+    lr = optax.cosine_decay_schedule(
+        config.learning_rate, max(steps, 1), alpha=config.final_lr_fraction
+    )
+    anneal = max(int(config.anneal_fraction * steps), 1)
+    ratio = np.log(config.kappa_final / config.kappa_init)
+
+    def kappa(step):
+        frac = jnp.minimum(step / anneal, 1.0)
+        return config.kappa_init * jnp.exp(ratio * frac)
+
+    return lr, kappa
+
+
+def _optimizer(config: GemNetTrainConfig, steps: int) -> optax.GradientTransformation:
+    return optax.adam(_schedules(config, steps)[0])
+
+
+def init_gemnet_state(
+    setting: Setting, config: GemNetTrainConfig, key: PRNGKeyArray, *, steps: int
+) -> tuple[nnx.GraphDef, GemNetTrainState]:
+    """Build a GemNet for ``setting`` and its initial train state."""
+    model = GemNet.for_setting(setting, config.network, rngs=nnx.Rngs(params=key))
+    graphdef, params = nnx.split(model)
+    return graphdef, GemNetTrainState(
+        params=params,
+        opt_state=_optimizer(config, steps).init(params),
+        lagrange=jnp.asarray(config.lagrange_init, jnp.float32),
+        step=jnp.asarray(0, jnp.int32),
+    )
+
+
+def gemnet_step_fn(
+    graphdef: nnx.GraphDef, setting: Setting, config: GemNetTrainConfig, *, steps: int
+):
+    """``(state, values, key) -> (state, metrics)``: one step of GemNet training."""
+    opt = _optimizer(config, steps)
+    _, kappa_at = _schedules(config, steps)
+    scale = float(np.max(np.sum(setting.high, axis=1)))
+
+    def step(state: GemNetTrainState, values, key):
+        del key
+        kappa = kappa_at(state.step)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            soft = model.soft_outcome(values, kappa=kappa / scale)
+            revenue = jnp.mean(soft.revenue)
+            penalty = jnp.mean(incompatibility(soft.alloc, margin=config.margin))
+            loss = -revenue + state.lagrange * penalty + 0.5 * config.rho * penalty**2
+            return loss, (revenue, penalty)
+
+        (loss, (revenue, penalty)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        hard = nnx.merge(graphdef, state.params)
+        hard_out = choose(hard.menus(values), values).outcome
+        over = over_allocation(hard_out.alloc)
+        t = state.step + 1
+        lagrange = jnp.where(
+            t % config.lagrange_every == 0, state.lagrange + config.rho * penalty, state.lagrange
+        )
+        metrics = {
+            "revenue": revenue,
+            "revenue_hard": jnp.mean(hard_out.revenue),
+            "incompatibility": penalty,
+            "over_allocation_rate": jnp.mean(over > 1e-6),
+            "loss": loss,
+            "kappa": kappa,
+            "lagrange": state.lagrange,
+        }
+        return GemNetTrainState(params=params, opt_state=opt_state, lagrange=lagrange, step=t), (
+            metrics
+        )
+
+    return step
+
+
+def train_gemnet(
+    setting: Setting,
+    config: GemNetTrainConfig,
+    train_config: TrainConfig,
+    *,
+    fingerprint: dict[str, Any] | None = None,
+) -> tuple[GemNet, TrainResult]:
+    """Train GemNet on ``setting`` through the shared loop; returns the model and the run.
+
+    Raises:
+      ValueError: a setting GemNet does not support (combinatorial valuations, unbounded support).
+    """
+    steps = train_config.steps
+    graphdef, state = init_gemnet_state(
+        setting, config, jax.random.key(train_config.seed), steps=steps
+    )
+
+    def sample(key, state):
+        del state
+        return setting.sample(key, (config.batch_size,))
+
+    result = train(
+        state,
+        gemnet_step_fn(graphdef, setting, config, steps=steps),
+        sample,
+        train_config,
+        fingerprint={
+            "setting": setting.name,
+            "steps": steps,
+            **_config_dict(config),
+            **(fingerprint or {}),
+        },
+    )
+    return nnx.merge(graphdef, result.state.params), result
+
+
+def _config_dict(config: GemNetTrainConfig) -> dict[str, Any]:
+    flat = dataclasses.asdict(config)
+    flat["network"] = dataclasses.asdict(config.network)
+    return flat
+
+
+def _config_from_dict(flat: dict[str, Any]) -> GemNetTrainConfig:
+    flat = dict(flat)
+    flat["network"] = GemNetConfig(**flat["network"])
+    return GemNetTrainConfig(**flat)
+
+
+def save_gemnet(
+    model: GemNet,
+    directory: str | Path,
+    *,
+    setting: Setting,
+    config: GemNetTrainConfig,
+    step: int,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
+    """Save a trained GemNet's parameters with its setting and config (orbax, atomic)."""
+    _, params = nnx.split(model)
+    meta = {"setting": setting.name, "gemnet_config": _config_dict(config), **(extra_meta or {})}
+    return save_checkpoint(directory, step, params, meta=meta, max_to_keep=1)
+
+
+def load_gemnet(
+    directory: str | Path, setting: Setting
+) -> tuple[GemNet, GemNetTrainConfig, dict[str, Any]]:
+    """Load a GemNet saved by :func:`save_gemnet`; returns the model, its config and the meta.
+
+    Raises:
+      ValueError: no checkpoint, one for another setting, or a corrupt or mismatched one.
+    """
+    step = latest_checkpoint(directory)
+    if step is None:
+        raise ValueError(f"no GemNet checkpoint in {str(directory)!r}")
+    meta_path = Path(directory).resolve() / f"step_{step:09d}" / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = _config_from_dict(meta["gemnet_config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"corrupt GemNet checkpoint meta {str(meta_path)!r}: {err}") from err
+    if meta.get("setting") != setting.name:
+        raise ValueError(
+            f"checkpoint {str(directory)!r} holds a GemNet for {meta.get('setting')!r}, "
+            f"not {setting.name!r}"
+        )
+    model = GemNet.for_setting(setting, config.network, rngs=nnx.Rngs(0))
+    graphdef, like = nnx.split(model)
+    params, meta = restore_checkpoint(directory, like, step=step)
+    return nnx.merge(graphdef, params), config, meta
