@@ -1,3 +1,42 @@
-"""gemnet: planned package of diffecon (see its issue); nothing public yet."""
+"""gemnet: GemNet, multi-bidder menu-based strategy-proof auctions (Wang, Jiang & Parkes, 2024).
 
-__all__: list[str] = []
+Each bidder faces a menu computed from the other bidders' bids and takes its favourite element;
+training penalises menus that together over-allocate an item, and :func:`repair` raises prices
+(as functions of the others' bids only) until compatibility is certified on the whole value space.
+With one bidder GemNet is RochetNet. :func:`verify_certificate` re-checks a certificate
+independently of the code that built it.
+"""
+
+from gemnet.certificate import Certificate, load_certificate, save_certificate
+from gemnet.model import GemNet, GemNetConfig, Menus, choose, menu_bounds, menu_utilities
+from gemnet.repair import RepairConfig, RepairedGemNet, RepairError, repair
+from gemnet.train import (
+    GemNetTrainConfig,
+    incompatibility,
+    load_gemnet,
+    over_allocation,
+    save_gemnet,
+    train_gemnet,
+)
+
+__all__ = [
+    "Certificate",
+    "GemNet",
+    "GemNetConfig",
+    "GemNetTrainConfig",
+    "Menus",
+    "RepairConfig",
+    "RepairError",
+    "RepairedGemNet",
+    "choose",
+    "incompatibility",
+    "load_certificate",
+    "load_gemnet",
+    "menu_bounds",
+    "menu_utilities",
+    "over_allocation",
+    "repair",
+    "save_certificate",
+    "save_gemnet",
+    "train_gemnet",
+]

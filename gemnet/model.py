@@ -24,12 +24,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from diffecon.outcome import Outcome, check_bids
 from diffecon.settings import Setting
 
-__all__ = ["GemNet", "GemNetConfig", "Menus", "choose", "menu_bounds", "others_bids"]
+__all__ = [
+    "Choice",
+    "GemNet",
+    "GemNetConfig",
+    "Menus",
+    "choose",
+    "menu_bounds",
+    "menu_utilities",
+    "others_bids",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,31 +277,36 @@ def _interval_softmax(lo, hi):
 
 def menu_bounds(
     model: GemNet,
-    bidder: Int[Array, " boxes"] | np.ndarray,
-    others_lo: Float[Array, "boxes inputs"],
-    others_hi: Float[Array, "boxes inputs"],
+    others_lo: Float[Array, "*batch bidders inputs"],
+    others_hi: Float[Array, "*batch bidders inputs"],
 ) -> Menus:
-    """Sound bounds of bidder ``bidder[b]``'s menu over the box ``[others_lo[b], others_hi[b]]``.
+    """Sound bounds of every bidder's menu while ``b_-i`` ranges over ``[others_lo, others_hi]``.
 
-    Interval bound propagation through the stacked network (monotone activations, so each layer's
-    image of a box is bounded by centre/radius arithmetic). Returns ``Menus`` whose ``alloc`` and
-    ``price`` have a leading axis of 2: ``[0]`` lower and ``[1]`` upper bounds, each
-    ``[boxes, K + 1, items]`` and ``[boxes, K + 1]``. Bounds are exact real-arithmetic bounds up to
-    floating-point rounding; certification adds a tolerance for that.
+    ``others_lo[..., i, :]`` and ``others_hi[..., i, :]`` bound bidder ``i``'s input ``b_-i`` (as
+    laid out by :func:`others_bids`; ignored for one bidder). Interval bound propagation through
+    the stacked network (monotone activations, so each layer's image of a box is bounded by
+    centre/radius arithmetic). Returns ``Menus`` whose ``alloc`` and ``price`` have a leading axis
+    of 2, ``[0]`` lower and ``[1]`` upper bounds, each ``[*batch, bidders, K + 1, items]`` and
+    ``[*batch, bidders, K + 1]``. Bounds are exact real-arithmetic bounds up to floating-point
+    rounding; certification adds a tolerance for that.
     """
     n = model.n_bidders
-    bidder = jnp.asarray(bidder)
-    shift, scale = (jnp.asarray(a)[bidder] for a in model.input_affine())
+    batch = others_lo.shape[:-2]
+    if others_lo.shape != others_hi.shape or others_lo.shape[-2] != n:
+        raise ValueError(
+            f"others_lo/others_hi must be [*batch, {n}, inputs], got {others_lo.shape} and "
+            f"{others_hi.shape}"
+        )
+    shift, scale = model.input_affine()
     if n == 1:
-        lo = hi = jnp.ones((bidder.shape[0], 1), jnp.float32)
+        lo = hi = jnp.ones((*batch, 1, 1), jnp.float32)
     else:
         lo, hi = (others_lo - shift) * scale, (others_hi - shift) * scale
     last = len(model.weights) - 1
     for layer, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
-        w_i, b_i = w[...][bidder], b[...][bidder]  # [boxes, in, out], [boxes, out]
         centre, radius = (lo + hi) / 2, (hi - lo) / 2
-        c = jnp.einsum("bi,bio->bo", centre, w_i) + b_i
-        r = jnp.einsum("bi,bio->bo", radius, jnp.abs(w_i))
+        c = jnp.einsum("...ni,nio->...no", centre, w[...]) + b[...]
+        r = jnp.einsum("...ni,nio->...no", radius, jnp.abs(w[...]))
         lo, hi = c - r, c + r
         if layer < last:
             lo, hi = jnp.tanh(lo), jnp.tanh(hi)
@@ -305,9 +319,8 @@ def menu_bounds(
         a_lo, a_hi = jax.nn.sigmoid(logit_lo), jax.nn.sigmoid(logit_hi)
     p_lo = model.price_scale * jax.nn.softplus(price_lo)
     p_hi = model.price_scale * jax.nn.softplus(price_hi)
-    boxes, m = a_lo.shape[0], model.n_items
-    null_a = jnp.zeros((boxes, 1, m), a_lo.dtype)
-    null_p = jnp.zeros((boxes, 1), p_lo.dtype)
+    null_a = jnp.zeros((*a_lo.shape[:-2], 1, model.n_items), a_lo.dtype)
+    null_p = jnp.zeros((*p_lo.shape[:-1], 1), p_lo.dtype)
     alloc = jnp.stack([jnp.concatenate([a_lo, null_a], -2), jnp.concatenate([a_hi, null_a], -2)])
     price = jnp.stack([jnp.concatenate([p_lo, null_p], -1), jnp.concatenate([p_hi, null_p], -1)])
     return Menus(alloc=alloc, price=price)

@@ -1,0 +1,201 @@
+"""The compatibility certificate of a repaired GemNet and its on-disk format (JSON + npz).
+
+The profile space of ``n`` bidders and ``m`` items has ``D = n * m`` coordinates, coordinate
+``d = i * m + j`` being bidder ``i``'s value for item ``j``. Each coordinate has a **grid** of
+``cells[d]`` cells: cell ``c`` covers the closed interval ``[cell_lo[d][c], cell_hi[d][c]]``.
+Continuous marginals on ``[low, high]`` get ``2^level`` equal cells (``cell_hi[c] = cell_lo[c+1]``);
+a discrete marginal gets one degenerate cell per support point (``cell_lo = cell_hi = point``).
+
+A **box** is a product of runs of cells: integer ``box_lo [boxes, D]`` and ``box_size [boxes, D]``
+(cells ``box_lo .. box_lo + box_size - 1`` of each coordinate). The boxes must tile the grid: every
+cell tuple lies in exactly one box.
+
+**Offsets** raise bidder ``i``'s menu prices as a function of ``b_-i`` alone: for bidder ``i``,
+``offset_keys[i]`` (``[C_i]``, sorted, int64) name cells of the grid of ``b_-i``, and
+``offset_values[i]`` (``[C_i, K + 1]``, float64, ``>= 0``, last column 0 for the null element) the
+amounts added to the ``K + 1`` prices while ``b_-i`` lies in that cell (0 elsewhere). The key of
+the cell with per-coordinate indices ``q`` over the other bidders' coordinates (bidders in order,
+skipping ``i``; items in order) is ``sum_t q[t] * stride[t]`` with ``stride[t] = prod_{u > t}
+cells[u]`` (row-major). At run time a bid is mapped to its cell by ``floor((x - low) / width)``
+(clipped to the last cell) for continuous coordinates and to the nearest support point for
+discrete ones.
+
+The certificate claims: for every box, with interval bounds of every bidder's menu over the box
+(inflated by ``box_inflation`` times the cell width on each side, to cover float32 rounding of the
+cell lookup), every bidder's **candidate set** (elements whose largest utility over the box, after
+offsets, reaches the best smallest utility minus ``utility_tolerance``) is compatible: for every
+item ``j``, ``sum_i max_{k in candidates_i} alloc_ij^k (upper bound) <= 1``. ``verify_certificate``
+re-derives all of that from the network's weights and this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Certificate", "load_certificate", "params_digest", "save_certificate"]
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """A repaired GemNet's certificate (see the module docstring for the exact semantics).
+
+    Attributes:
+      setting: the setting's registry name.
+      n_bidders: bidders.
+      n_items: items.
+      menu_size: ``K`` (the null element is ``K``).
+      params_digest: SHA-256 of the network's parameters (:func:`params_digest`).
+      cell_lo: per coordinate, ``[cells[d]]`` lower ends of the cells.
+      cell_hi: per coordinate, ``[cells[d]]`` upper ends of the cells.
+      discrete: per coordinate, whether its cells are support points.
+      box_lo: ``[boxes, D]`` first cell of each box per coordinate.
+      box_size: ``[boxes, D]`` cells per coordinate.
+      offset_keys: per bidder, ``[C_i]`` sorted keys of the cells of ``b_-i`` with offsets.
+      offset_values: per bidder, ``[C_i, K + 1]`` price offsets.
+      utility_tolerance: slack of candidate sets (absolute, in value units).
+      alloc_tolerance: added to every allocation upper bound.
+      box_inflation: relative widening of each box per side (a fraction of its cells' width).
+      stats: how the certificate was built (boxes, MILPs, time...), informational only.
+    """
+
+    setting: str
+    n_bidders: int
+    n_items: int
+    menu_size: int
+    params_digest: str
+    cell_lo: tuple[np.ndarray, ...]
+    cell_hi: tuple[np.ndarray, ...]
+    discrete: tuple[bool, ...]
+    box_lo: np.ndarray
+    box_size: np.ndarray
+    offset_keys: tuple[np.ndarray, ...]
+    offset_values: tuple[np.ndarray, ...]
+    utility_tolerance: float
+    alloc_tolerance: float
+    box_inflation: float
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def cells(self) -> tuple[int, ...]:
+        """Cells per coordinate."""
+        return tuple(len(c) for c in self.cell_lo)
+
+    @property
+    def n_boxes(self) -> int:
+        return int(self.box_lo.shape[0])
+
+    def others_coordinates(self, bidder: int) -> list[int]:
+        """Coordinates of ``b_-bidder`` in key order."""
+        m = self.n_items
+        return [i * m + j for i in range(self.n_bidders) if i != bidder for j in range(m)]
+
+    def strides(self, bidder: int) -> np.ndarray:
+        """Row-major strides of bidder ``bidder``'s offset keys over ``others_coordinates``."""
+        sizes = [self.cells[d] for d in self.others_coordinates(bidder)]
+        strides = np.ones(len(sizes), np.int64)
+        for t in range(len(sizes) - 2, -1, -1):
+            strides[t] = strides[t + 1] * sizes[t + 1]
+        return strides
+
+
+def params_digest(params_leaves: list[np.ndarray]) -> str:
+    """SHA-256 over the parameter arrays (float32, C order, in the given order, with shapes)."""
+    h = hashlib.sha256()
+    for leaf in params_leaves:
+        arr = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def save_certificate(certificate: Certificate, directory: str | Path) -> Path:
+    """Write ``certificate.json`` and ``certificate.npz`` into ``directory`` (atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    c = certificate
+    arrays: dict[str, np.ndarray] = {"box_lo": c.box_lo, "box_size": c.box_size}
+    for d in range(len(c.cell_lo)):
+        arrays[f"cell_lo_{d}"] = np.asarray(c.cell_lo[d], np.float64)
+        arrays[f"cell_hi_{d}"] = np.asarray(c.cell_hi[d], np.float64)
+    for i in range(c.n_bidders):
+        arrays[f"offset_keys_{i}"] = np.asarray(c.offset_keys[i], np.int64)
+        arrays[f"offset_values_{i}"] = np.asarray(c.offset_values[i], np.float64)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "setting": c.setting,
+        "n_bidders": c.n_bidders,
+        "n_items": c.n_items,
+        "menu_size": c.menu_size,
+        "params_digest": c.params_digest,
+        "discrete": list(c.discrete),
+        "utility_tolerance": c.utility_tolerance,
+        "alloc_tolerance": c.alloc_tolerance,
+        "box_inflation": c.box_inflation,
+        "stats": c.stats,
+    }
+    tmp_npz = directory / "certificate.npz.tmp"
+    with tmp_npz.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+    tmp_json = directory / "certificate.json.tmp"
+    tmp_json.write_text(json.dumps(meta, indent=1))
+    tmp_npz.replace(directory / "certificate.npz")
+    tmp_json.replace(directory / "certificate.json")
+    return directory
+
+
+def load_certificate(directory: str | Path) -> Certificate:
+    """Read a certificate written by :func:`save_certificate`.
+
+    Raises:
+      ValueError: missing, corrupt or inconsistent files.
+    """
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / "certificate.json").read_text())
+        with np.load(directory / "certificate.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unknown format_version {meta.get('format_version')!r}")
+        n, m = int(meta["n_bidders"]), int(meta["n_items"])
+        cert = Certificate(
+            setting=meta["setting"],
+            n_bidders=n,
+            n_items=m,
+            menu_size=int(meta["menu_size"]),
+            params_digest=meta["params_digest"],
+            cell_lo=tuple(arrays[f"cell_lo_{d}"] for d in range(n * m)),
+            cell_hi=tuple(arrays[f"cell_hi_{d}"] for d in range(n * m)),
+            discrete=tuple(bool(x) for x in meta["discrete"]),
+            box_lo=arrays["box_lo"],
+            box_size=arrays["box_size"],
+            offset_keys=tuple(arrays[f"offset_keys_{i}"] for i in range(n)),
+            offset_values=tuple(arrays[f"offset_values_{i}"] for i in range(n)),
+            utility_tolerance=float(meta["utility_tolerance"]),
+            alloc_tolerance=float(meta["alloc_tolerance"]),
+            box_inflation=float(meta["box_inflation"]),
+            stats=dict(meta.get("stats", {})),
+        )
+    except (OSError, KeyError, TypeError, ValueError, EOFError) as err:
+        raise ValueError(f"corrupt or missing certificate in {str(directory)!r}: {err}") from err
+    k1 = cert.menu_size + 1
+    for i in range(n):
+        keys, vals = cert.offset_keys[i], cert.offset_values[i]
+        if keys.ndim != 1 or vals.shape != (keys.shape[0], k1):
+            raise ValueError(
+                f"certificate in {str(directory)!r}: bidder {i}'s offsets have shapes "
+                f"{keys.shape} and {vals.shape}, expected [C] and [C, {k1}]"
+            )
+    if cert.box_lo.shape != cert.box_size.shape or cert.box_lo.shape[1:] != (n * m,):
+        raise ValueError(
+            f"certificate in {str(directory)!r}: boxes have shapes {cert.box_lo.shape} and "
+            f"{cert.box_size.shape}, expected [boxes, {n * m}]"
+        )
+    return cert

@@ -1,0 +1,655 @@
+"""Certified repair of a trained GemNet: adaptive boxes, interval bounds, candidate sets, MILPs.
+
+The profile space is cut into boxes (coarse at first; a box that cannot be certified is halved along
+its widest coordinate, down to one cell of a ``2^max_level`` grid per coordinate; a discrete
+coordinate's cells are its support points). For a box, interval bound propagation bounds every
+bidder's menu over the box of the others' bids, hence every element's utility over the box of its
+own values; an element can be chosen somewhere in the box only if its upper utility reaches the best
+lower utility (its **candidate set**; the others are skipped). The box is certified when, for every
+item, the bidders' largest candidate allocations sum to at most 1.
+
+Boxes still uncertified at the finest level are repaired bidder by bidder (stage ``r = 1 .. n-1``
+makes bidders ``0..r`` compatible with the offsets of bidders ``< r`` fixed): bidder ``r``'s prices
+get non-negative offsets that are constant on each cell of the ``b_-r`` grid, so they depend on
+the others' bids only and strategy-proofness is kept. The offsets of one cell are the solution of a
+MILP (:mod:`gemnet.milp`) over that cell's uncertified boxes; cells are independent, so their
+MILPs run in a process pool. Raising prices can enlarge other boxes' candidate sets, so every box
+whose ``b_-r`` projection meets a changed cell is checked again (refined so that its projection
+is one cell), and new failures join their cell's MILP in the next round. The result is the trained
+network plus a lookup table of offsets (:class:`RepairedGemNet`) and a :class:`Certificate` that
+:func:`gemnet.verify_certificate` re-checks independently.
+
+Soundness is in real arithmetic up to explicit tolerances for float32 rounding (a utility slack in
+candidate sets, a slack on allocation bounds, boxes widened slightly); a solver time limit or an
+infeasible MILP raises :class:`RepairError`, never a certificate that does not hold.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import multiprocessing
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from diffecon.distributions import Discrete, IndependentValues
+from diffecon.outcome import Outcome, check_bids
+from diffecon.settings import Setting
+from gemnet.certificate import Certificate, params_digest
+from gemnet.milp import CellProblem, CellSolution, solve_cell
+from gemnet.model import GemNet, Menus, choose, menu_bounds, others_bids
+
+__all__ = ["RepairConfig", "RepairError", "RepairedGemNet", "repair"]
+
+
+class RepairError(RuntimeError):
+    """The repair could not certify the mechanism (the message says where and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RepairConfig:
+    """How the repair partitions, bounds and solves.
+
+    Attributes:
+      max_level: finest grid: ``2^max_level`` cells per continuous coordinate.
+      start_level: the initial partition has ``2^start_level`` cells per continuous coordinate.
+      utility_tolerance: candidate-set slack, a fraction of the price scale (float32 rounding).
+      alloc_tolerance: added to allocation upper bounds.
+      box_inflation: boxes are widened by this fraction of a cell per side.
+      milp_margin: MILP exclusions are strict by this multiple of the utility tolerance.
+      floor_slacks: the MILP's utility floors tried in order, as fractions of the price scale
+        (``inf``: the null element's 0, always feasible).
+      dominators: good elements offered per box as dominators in the MILP.
+      time_limit_s: per MILP solve.
+      workers: MILP processes (0: one per CPU; 1: solve in this process).
+      chunk: boxes per bound-propagation batch.
+      max_boxes: give up (RepairError) beyond this many boxes at once.
+      max_rounds: give up after this many MILP rounds per stage.
+      progress: print a line per round.
+    """
+
+    max_level: int = 6
+    start_level: int = 1
+    utility_tolerance: float = 1e-5
+    alloc_tolerance: float = 1e-6
+    box_inflation: float = 1e-4
+    milp_margin: float = 3.0
+    floor_slacks: tuple[float, ...] = (0.05, 0.25, math.inf)
+    dominators: int = 4
+    time_limit_s: float = 30.0
+    workers: int = 0
+    chunk: int = 8192
+    max_boxes: int = 6_000_000
+    max_rounds: int = 200
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# The grid.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    n: int
+    m: int
+    cell_lo: tuple[np.ndarray, ...]
+    cell_hi: tuple[np.ndarray, ...]
+    discrete: tuple[bool, ...]
+    levels: tuple[int, ...]  # per coordinate: log2(cells) (0 for discrete)
+
+    @property
+    def cells(self) -> np.ndarray:
+        return np.array([len(c) for c in self.cell_lo], np.int64)
+
+    def others(self, bidder: int) -> list[int]:
+        m = self.m
+        return [i * m + j for i in range(self.n) if i != bidder for j in range(m)]
+
+    def own(self, bidder: int) -> list[int]:
+        return list(range(bidder * self.m, (bidder + 1) * self.m))
+
+    def strides(self, bidder: int) -> np.ndarray:
+        sizes = self.cells[self.others(bidder)]
+        strides = np.ones(len(sizes), np.int64)
+        for t in range(len(sizes) - 2, -1, -1):
+            strides[t] = strides[t + 1] * sizes[t + 1]
+        return strides
+
+    def bounds(self, lo: np.ndarray, size: np.ndarray, inflation: float):
+        """Real ``[boxes, D]`` bounds of boxes, widened by ``inflation`` cells per side."""
+        rlo = np.empty(lo.shape, np.float64)
+        rhi = np.empty(lo.shape, np.float64)
+        for d in range(lo.shape[1]):
+            rlo[:, d] = self.cell_lo[d][lo[:, d]]
+            rhi[:, d] = self.cell_hi[d][lo[:, d] + size[:, d] - 1]
+            if not self.discrete[d]:
+                width = self.cell_hi[d][0] - self.cell_lo[d][0]
+                rlo[:, d] -= inflation * width
+                rhi[:, d] += inflation * width
+        return rlo, rhi
+
+
+def _make_grid(setting: Setting, max_level: int) -> _Grid:
+    values = setting.values
+    if not isinstance(values, IndependentValues):
+        raise ValueError(
+            f"repair needs independent values with a known support per coordinate; "
+            f"{setting.name!r} has {type(values).__name__}"
+        )
+    if not setting.bounded:
+        raise ValueError(
+            f"repair needs a bounded support; {setting.name!r} has high = {setting.high.tolist()}"
+        )
+    lows, highs, discrete, levels = [], [], [], []
+    for i in range(setting.n_bidders):
+        for j in range(setting.n_items):
+            marginal = values.marginal(i, j)
+            if isinstance(marginal, Discrete):
+                pts = np.asarray(marginal.points, np.float64)
+                lows.append(pts)
+                highs.append(pts)
+                discrete.append(True)
+                levels.append(0)
+            else:
+                g = 2**max_level
+                edges = marginal.low + (marginal.high - marginal.low) * np.arange(g + 1) / g
+                lows.append(edges[:-1])
+                highs.append(edges[1:])
+                discrete.append(False)
+                levels.append(max_level)
+    return _Grid(
+        setting.n_bidders,
+        setting.n_items,
+        tuple(lows),
+        tuple(highs),
+        tuple(discrete),
+        tuple(levels),
+    )
+
+
+def _initial_boxes(grid: _Grid, start_level: int) -> tuple[np.ndarray, np.ndarray]:
+    axes, sizes = [], []
+    for d in range(len(grid.cell_lo)):
+        cells = len(grid.cell_lo[d])
+        step = 1 if grid.discrete[d] else cells // 2 ** min(start_level, grid.levels[d])
+        axes.append(np.arange(0, cells, step))
+        sizes.append(step)
+    lo = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes)).astype(np.int64)
+    return lo, np.broadcast_to(np.asarray(sizes, np.int64), lo.shape).copy()
+
+
+def _split(lo: np.ndarray, size: np.ndarray, dims: list[int] | None = None):
+    """Halve each box along its widest coordinate (among ``dims``; ties: the first)."""
+    if lo.shape[0] == 0:
+        return lo, size
+    cand = size if dims is None else np.where(np.isin(np.arange(size.shape[1]), dims), size, 0)
+    axis = np.argmax(cand, axis=1)
+    rows = np.arange(lo.shape[0])
+    half = size[rows, axis] // 2
+    if np.any(half < 1):
+        raise AssertionError("split of a box that is one cell wide")
+    size2 = size.copy()
+    size2[rows, axis] = half
+    lo2 = lo.copy()
+    lo2[rows, axis] += half
+    return np.concatenate([lo, lo2]), np.concatenate([size2, size2])
+
+
+# --------------------------------------------------------------------------------------------------
+# Offsets of one bidder: a sparse table over the cells of b_-i, with a dense count for box queries.
+
+
+class _Offsets:
+    def __init__(self, grid: _Grid, bidder: int, k1: int):
+        self.grid, self.bidder, self.k1 = grid, bidder, k1
+        self.dims = grid.others(bidder)
+        self.shape = tuple(int(c) for c in grid.cells[self.dims])
+        self.strides = grid.strides(bidder)
+        total = int(np.prod(self.shape)) if self.shape else 1
+        if total > 2**26:
+            raise RepairError(
+                f"bidder {bidder}'s offset grid would have {total:.3g} cells "
+                f"({len(self.dims)} coordinates of b_-i); lower max_level (at most 2^26 cells)"
+            )
+        self.table: dict[int, np.ndarray] = {}
+        self._count: np.ndarray | None = None
+
+    def keys_of(self, lo: np.ndarray) -> np.ndarray:
+        return lo[:, self.dims] @ self.strides if self.dims else np.zeros(len(lo), np.int64)
+
+    def set(self, key: int, values: np.ndarray) -> None:
+        if np.any(values > 0):
+            self.table[key] = values
+        else:
+            self.table.pop(key, None)
+        self._count = None
+
+    def _prefix(self, keys: list[int]) -> np.ndarray:
+        mark = np.zeros(self.shape, np.int32).ravel()
+        if keys:
+            mark[np.asarray(keys, np.int64)] = 1
+        cum = mark.reshape(self.shape)
+        for ax in range(cum.ndim):
+            cum = np.cumsum(cum, axis=ax)
+        return np.pad(cum, [(1, 0)] * cum.ndim)
+
+    def count_in(self, lo: np.ndarray, size: np.ndarray, prefix: np.ndarray | None = None):
+        """Number of offset cells inside each box's ``b_-i`` projection."""
+        if not self.dims:
+            return np.full(len(lo), len(self.table) if prefix is None else 0)
+        if prefix is None:
+            if self._count is None:
+                self._count = self._prefix(list(self.table))
+            prefix = self._count
+        a, b = lo[:, self.dims], lo[:, self.dims] + size[:, self.dims]
+        total = np.zeros(len(lo), np.int64)
+        for corner in np.ndindex(*(2,) * len(self.dims)):
+            idx = tuple(np.where(np.asarray(corner)[None, :] == 1, b, a).T)
+            sign = (-1) ** (len(self.dims) - sum(corner))
+            total += sign * prefix[idx]
+        return total
+
+    def exact(self, lo: np.ndarray) -> np.ndarray:
+        """``[boxes, K + 1]`` offsets of boxes whose projection is one cell."""
+        out = np.zeros((len(lo), self.k1))
+        if self.table:
+            keys = self.keys_of(lo)
+            for row, key in enumerate(keys):
+                hit = self.table.get(int(key))
+                if hit is not None:
+                    out[row] = hit
+        return out
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.asarray(sorted(self.table), np.int64)
+        vals = np.stack([self.table[int(k)] for k in keys]) if len(keys) else np.zeros((0, self.k1))
+        return keys, vals
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounds and candidate sets (the builder's; gemnet.verify has an independent implementation).
+
+
+def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float):
+    @jax.jit
+    def bounds(rlo, rhi, delta, active):
+        """rlo/rhi [B, n, m]; delta [B, n, K+1] exact offsets; active [n] in {0, 1}."""
+        mb = menu_bounds(model, others_bids(rlo), others_bids(rhi))
+        a_lo = mb.alloc[0]
+        a_hi = mb.alloc[1] + alloc_tol
+        p_lo, p_hi = mb.price[0], mb.price[1]
+        u_hi0 = jnp.einsum("bnm,bnkm->bnk", rhi, a_hi) - p_lo
+        u_lo0 = jnp.einsum("bnm,bnkm->bnk", rlo, a_lo) - p_hi
+        u_hi, u_lo = u_hi0 - delta, u_lo0 - delta
+        best = jnp.max(u_lo, axis=-1, keepdims=True)
+        cand = u_hi >= best - utility_tol
+        usage = jnp.max(jnp.where(cand[..., None], a_hi, 0.0), axis=-2)  # [B, n, m]
+        total = jnp.sum(usage * active[None, :, None], axis=1)
+        ok = jnp.all(total <= 1.0, axis=-1)
+        return ok, usage, u_hi0, u_lo0, a_hi
+
+    return bounds
+
+
+class _Checker:
+    def __init__(self, model: GemNet, grid: _Grid, offsets: list[_Offsets], config, scale):
+        self.grid, self.offsets, self.config = grid, offsets, config
+        self.n, self.m = model.n_bidders, model.n_items
+        self.k1 = model.menu_size + 1
+        self.scale = scale
+        self.fn = _bound_fn(model, config.utility_tolerance * scale, config.alloc_tolerance)
+        self.n_checked = 0
+
+    def deltas(self, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Exact offsets per box and bidder (boxes are resolved: one cell or no offset cell)."""
+        out = np.zeros((len(lo), self.n, self.k1))
+        for i, off in enumerate(self.offsets):
+            if not off.table:
+                continue
+            single = np.all(size[:, off.dims] == 1, axis=1)
+            if np.any(single):
+                out[single, i] = off.exact(lo[single])
+        return out
+
+    def run(self, lo: np.ndarray, size: np.ndarray, active: np.ndarray, *, details=False):
+        chunk = self.config.chunk
+        results = []
+        for s in range(0, len(lo), chunk):
+            l_, z_ = lo[s : s + chunk], size[s : s + chunk]
+            rows = len(l_)
+            rlo, rhi = self.grid.bounds(l_, z_, self.config.box_inflation)
+            delta = self.deltas(l_, z_)
+            # pad to a power of two so that the bound function compiles for few shapes
+            pad = min(chunk, max(256, 1 << (rows - 1).bit_length())) - rows
+            args = [
+                np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+                for x in (
+                    rlo.reshape(rows, self.n, self.m),
+                    rhi.reshape(rows, self.n, self.m),
+                    delta,
+                )
+            ]
+            out = self.fn(*(jnp.asarray(a, jnp.float32) for a in args), jnp.asarray(active))
+            out = jax.device_get(out if details else out[:2])
+            results.append([np.asarray(x)[:rows] for x in out])
+        self.n_checked += len(lo)
+        return [np.concatenate(parts) for parts in zip(*results, strict=True)]
+
+
+def _resolve(lo, size, offsets: list[_Offsets]):
+    """Split boxes until each box's ``b_-i`` projection is one cell or holds no offset cell."""
+    done_lo, done_size = [lo[:0]], [size[:0]]
+    while len(lo):
+        need = np.zeros(len(lo), bool)
+        split_dims = np.full(len(lo), -1)
+        for off in offsets:
+            if not off.table:
+                continue
+            coarse = ~np.all(size[:, off.dims] == 1, axis=1)
+            hit = coarse & (off.count_in(lo, size) > 0)
+            # widest coordinate of b_-i to split next
+            widths = np.where(hit[:, None], size[:, off.dims], 0)
+            dim = np.asarray(off.dims)[np.argmax(widths, axis=1)]
+            split_dims = np.where(hit & ~need, dim, split_dims)
+            need |= hit
+        done_lo.append(lo[~need])
+        done_size.append(size[~need])
+        lo, size, axis = lo[need], size[need], split_dims[need]
+        if len(lo):
+            rows = np.arange(len(lo))
+            half = size[rows, axis] // 2
+            size2 = size.copy()
+            size2[rows, axis] = half
+            lo2 = lo.copy()
+            lo2[rows, axis] += half
+            lo, size = np.concatenate([lo, lo2]), np.concatenate([size2, size2])
+    return np.concatenate(done_lo), np.concatenate(done_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# The repaired mechanism.
+
+
+class RepairedGemNet(nnx.Module):
+    """A trained GemNet plus the repair's price offsets, looked up from the cell of ``b_-i``.
+
+    ``model(bids [*batch, bidders, items]) -> Outcome``; ``model.menus(bids)`` as for GemNet.
+    Offsets are non-negative and depend on the others' bids only, so the mechanism stays
+    strategy-proof; the certificate says it is also compatible on the whole support.
+    """
+
+    def __init__(self, base: GemNet, certificate: Certificate):
+        n, m = base.n_bidders, base.n_items
+        if (certificate.n_bidders, certificate.n_items, certificate.menu_size) != (
+            n,
+            m,
+            base.menu_size,
+        ):
+            raise ValueError(
+                "certificate is for "
+                f"{(certificate.n_bidders, certificate.n_items, certificate.menu_size)} "
+                f"(bidders, items, menu size), the GemNet is {(n, m, base.menu_size)}"
+            )
+        self.base = base
+        coords = []
+        for d in range(n * m):
+            lo, hi = np.asarray(certificate.cell_lo[d]), np.asarray(certificate.cell_hi[d])
+            if certificate.discrete[d]:
+                mids = tuple(float(x) for x in (lo[1:] + lo[:-1]) / 2)
+                coords.append(("discrete", mids))
+            else:
+                width = float(hi[0] - lo[0])
+                coords.append(("continuous", (float(lo[0]), 1.0 / width, len(lo))))
+        self.coords = tuple(coords)
+        self.strides = tuple(tuple(int(s) for s in certificate.strides(i)) for i in range(n))
+        self.others = tuple(tuple(certificate.others_coordinates(i)) for i in range(n))
+        for i in range(n):
+            keys = np.asarray(certificate.offset_keys[i], np.int64)
+            if len(keys) and keys.max() >= 2**31:
+                raise ValueError("offset keys beyond int32: lower the repair's max_level")
+        self.offset_keys = nnx.List(
+            [nnx.Variable(jnp.asarray(k, jnp.int32)) for k in certificate.offset_keys]
+        )
+        self.offset_values = nnx.List(
+            [nnx.Variable(jnp.asarray(v, jnp.float32)) for v in certificate.offset_values]
+        )
+        self.n_bidders, self.n_items, self.menu_size = n, m, base.menu_size
+
+    def _cell_index(self, x, d):
+        kind, spec = self.coords[d]
+        if kind == "discrete":
+            return jnp.sum(x[..., None] > jnp.asarray(spec, x.dtype), axis=-1).astype(jnp.int32)
+        low, inv_width, cells = spec
+        q = jnp.floor((x - low) * inv_width).astype(jnp.int32)
+        return jnp.clip(q, 0, cells - 1)
+
+    def offsets(
+        self, bids: Float[Array, "*batch bidders items"]
+    ) -> Float[Array, "*batch bidders elements"]:
+        """``[*batch, bidders, K + 1]`` price offsets at ``bids`` (from ``b_-i`` only)."""
+        n, m = self.n_bidders, self.n_items
+        flat = bids.reshape(*bids.shape[:-2], n * m)
+        rows = []
+        for i in range(n):
+            keys, values = self.offset_keys[i][...], self.offset_values[i][...]
+            if keys.shape[0] == 0:
+                rows.append(jnp.zeros((*bids.shape[:-2], self.menu_size + 1), bids.dtype))
+                continue
+            key = jnp.zeros(bids.shape[:-2], jnp.int32)
+            for d, stride in zip(self.others[i], self.strides[i], strict=True):
+                key = key + self._cell_index(flat[..., d], d) * stride
+            pos = jnp.clip(jnp.searchsorted(keys, key), 0, keys.shape[0] - 1)
+            found = keys[pos] == key
+            rows.append(jnp.where(found[..., None], values[pos], 0.0))
+        return jnp.stack(rows, axis=-2)
+
+    def menus(self, bids: Float[Array, "*batch bidders items"]) -> Menus:
+        check_bids(bids, n_bidders=self.n_bidders, n_items=self.n_items)
+        base = self.base.menus(bids)
+        return Menus(alloc=base.alloc, price=base.price + self.offsets(bids))
+
+    def __call__(self, bids: Float[Array, "*batch bidders items"]) -> Outcome:
+        return choose(self.menus(bids), bids).outcome
+
+
+def model_digest(model: GemNet) -> str:
+    """The certificate's digest of a GemNet's parameters."""
+    leaves = [np.asarray(w[...]) for w in model.weights] + [
+        np.asarray(b[...]) for b in model.biases
+    ]
+    return params_digest(leaves)
+
+
+# --------------------------------------------------------------------------------------------------
+# The repair loop.
+
+
+def _solve_all(problems: list[CellProblem], workers: int) -> list[CellSolution]:
+    if workers <= 1 or len(problems) <= 1:
+        return [solve_cell(p) for p in problems]
+    ctx = multiprocessing.get_context("spawn")  # JAX is threaded: never fork it
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(problems)), mp_context=ctx) as ex:
+        return list(ex.map(solve_cell, problems, chunksize=max(1, len(problems) // (4 * workers))))
+
+
+def repair(
+    model: GemNet, setting: Setting, config: RepairConfig = RepairConfig()
+) -> tuple[RepairedGemNet, Certificate]:
+    """Repair ``model`` so that its menus are compatible on the whole support of ``setting``.
+
+    Returns:
+      The repaired mechanism and its certificate (check it with ``gemnet.verify_certificate``).
+
+    Raises:
+      ValueError: a setting that does not match the model, or that the repair cannot handle
+        (correlated or unbounded values).
+      RepairError: a MILP failed (infeasible at every floor, or out of time) or limits were hit.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, GemNet):
+        raise ValueError(f"repair needs a GemNet, got {type(model).__name__}")
+    if (setting.n_bidders, setting.n_items, setting.valuation) != (
+        model.n_bidders,
+        model.n_items,
+        model.valuation,
+    ):
+        raise ValueError(
+            f"setting {setting.name!r} is {setting.n_bidders} x {setting.n_items} "
+            f"{setting.valuation}; the GemNet is {model.n_bidders} x {model.n_items} "
+            f"{model.valuation}"
+        )
+    grid = _make_grid(setting, config.max_level)
+    expected = (tuple(map(float, setting.low.ravel())), tuple(map(float, setting.high.ravel())))
+    if (model.low, model.high) != expected:
+        raise ValueError(f"the GemNet was built for another support than {setting.name!r}'s")
+    n, k1 = model.n_bidders, model.menu_size + 1
+    scale = model.price_scale
+    offsets = [_Offsets(grid, i, k1) for i in range(n)]
+    checker = _Checker(model, grid, offsets, config, scale)
+    workers = config.workers or os.cpu_count() or 1
+    lo, size = _initial_boxes(grid, config.start_level)
+    stats: dict[str, Any] = {"rounds": 0, "milps": 0, "milp_wall_s": 0.0, "statuses": {}}
+    stages = range(1, n) if n > 1 else [0]
+    for r in stages:
+        active = (np.arange(n) <= r).astype(np.float32)
+        lo, size = _certify_stage(
+            r, lo, size, active, grid, offsets, checker, config, scale, workers, stats
+        )
+    keys, values = zip(*(off.arrays() for off in offsets), strict=True)
+    stats.update(
+        n_boxes=len(lo),
+        boxes_checked=checker.n_checked,
+        offset_cells=[len(k) for k in keys],
+        wall_s=round(time.perf_counter() - t0, 3),
+        max_level=config.max_level,
+    )
+    cert = Certificate(
+        setting=setting.name,
+        n_bidders=n,
+        n_items=model.n_items,
+        menu_size=model.menu_size,
+        params_digest=model_digest(model),
+        cell_lo=grid.cell_lo,
+        cell_hi=grid.cell_hi,
+        discrete=grid.discrete,
+        box_lo=lo,
+        box_size=size,
+        offset_keys=tuple(keys),
+        offset_values=tuple(values),
+        utility_tolerance=config.utility_tolerance * scale,
+        alloc_tolerance=config.alloc_tolerance,
+        box_inflation=config.box_inflation,
+        stats=stats,
+    )
+    return RepairedGemNet(model, cert), cert
+
+
+def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, workers, stats):
+    """Certify ``sum_{i <= r}`` compatibility, giving bidder ``r`` offsets where needed."""
+    off_r = offsets[r]
+    constraints: dict[int, set[tuple[int, ...]]] = defaultdict(set)
+    certified: list[tuple[np.ndarray, np.ndarray]] = []
+    pending = (lo, size)
+    for round_ in range(config.max_rounds + 1):
+        failed_lo = [pending[0][:0]]
+        p_lo, p_size = _resolve(*pending, offsets)
+        while len(p_lo):
+            if len(p_lo) > config.max_boxes:
+                raise RepairError(
+                    f"{len(p_lo)} boxes pending (limit {config.max_boxes}): the menus are too "
+                    "incompatible to certify at this resolution"
+                )
+            ok, _ = checker.run(p_lo, p_size, active)
+            if config.progress:
+                print(
+                    f"[repair]   checked {len(p_lo)} boxes, {int(ok.sum())} certified", flush=True
+                )
+            certified.append((p_lo[ok], p_size[ok]))
+            f_lo, f_size = p_lo[~ok], p_size[~ok]
+            finest = np.all(f_size == 1, axis=1)
+            failed_lo.append(f_lo[finest])
+            p_lo, p_size = _resolve(*_split(f_lo[~finest], f_size[~finest]), offsets)
+        f_lo = np.concatenate(failed_lo)
+        if config.progress:
+            n_cert = sum(len(c[0]) for c in certified)
+            print(
+                f"[repair] stage {r} round {round_}: {n_cert} boxes certified, {len(f_lo)} "
+                f"finest boxes to repair, {len(off_r.table)} offset cells",
+                flush=True,
+            )
+        if not len(f_lo):
+            break
+        if round_ == config.max_rounds:
+            raise RepairError(f"stage {r}: still {len(f_lo)} boxes after {round_} MILP rounds")
+        own = grid.own(r)
+        keys = off_r.keys_of(f_lo)
+        changed = sorted(set(int(k) for k in keys))
+        for key, row in zip(keys, f_lo, strict=True):
+            constraints[int(key)].add(tuple(int(x) for x in row[own]))
+        problems = [
+            _cell_problem(r, key, constraints[key], f_lo, keys, grid, checker, active, config)
+            for key in changed
+        ]
+        t_milp = time.perf_counter()
+        solutions = _solve_all(problems, workers)
+        stats["milp_wall_s"] += time.perf_counter() - t_milp
+        stats["milps"] += len(problems)
+        stats["rounds"] += 1
+        for sol in solutions:
+            stats["statuses"][sol.status] = stats["statuses"].get(sol.status, 0) + 1
+            if sol.offsets is None:
+                raise RepairError(
+                    f"stage {r}: the MILP of bidder {r}'s cell {sol.cell} found no offsets "
+                    f"(last status {sol.status} at floor slack {sol.floor_slack}); the menus "
+                    "cannot be made compatible there by raising prices within the limits"
+                )
+            off_r.set(sol.cell, sol.offsets)
+        # Every box whose b_-r projection meets a changed cell is checked again.
+        c_lo = np.concatenate([c[0] for c in certified])
+        c_size = np.concatenate([c[1] for c in certified])
+        prefix = off_r._prefix(changed)
+        touched = off_r.count_in(c_lo, c_size, prefix) > 0
+        certified = [(c_lo[~touched], c_size[~touched])]
+        # ...and so is every failed box (now constrained by its cell's MILP).
+        pending = (
+            np.concatenate([c_lo[touched], f_lo]),
+            np.concatenate([c_size[touched], np.ones_like(f_lo)]),
+        )
+    c_lo = np.concatenate([c[0] for c in certified])
+    c_size = np.concatenate([c[1] for c in certified])
+    return c_lo, c_size
+
+
+def _cell_problem(r, key, own_rows, f_lo, keys, grid, checker, active, config) -> CellProblem:
+    """The MILP data of bidder ``r``'s cell ``key`` over its constrained boxes."""
+    template = f_lo[np.flatnonzero(keys == key)[0]]
+    own = grid.own(r)
+    rows = np.array(sorted(own_rows), np.int64)
+    lo = np.repeat(template[None, :], len(rows), axis=0)
+    lo[:, own] = rows
+    size = np.ones_like(lo)
+    _, usage, u_hi0, u_lo0, a_hi = checker.run(lo, size, active, details=True)
+    others_active = active.copy()
+    others_active[r] = 0.0
+    taken = np.sum(usage * others_active[None, :, None], axis=1)  # [boxes, m]
+    bad = np.any(a_hi[:, r] + taken[:, None, :] > 1.0, axis=-1)  # [boxes, K+1]
+    bad[:, -1] = False
+    return CellProblem(
+        cell=int(key),
+        u_hi=u_hi0[:, r].astype(np.float64),
+        u_lo=u_lo0[:, r].astype(np.float64),
+        bad=bad,
+        eps=config.milp_margin * config.utility_tolerance * checker.scale,
+        floor_slacks=tuple(s * checker.scale for s in config.floor_slacks),
+        dominators=config.dominators,
+        time_limit_s=config.time_limit_s,
+    )

@@ -1,0 +1,1054 @@
+"""Independent re-check of a repaired GemNet's compatibility certificate.
+
+:func:`verify_certificate` re-derives every claim of a :class:`~gemnet.certificate.Certificate`
+from the network's raw weights and the setting's support, in numpy float64, with code that shares
+nothing with the builder (``gemnet.repair``) or with ``gemnet.model.menu_bounds``: its own interval
+bound propagation through the stacked tanh MLP and the output heads (sigmoid per entry; exact
+per-coordinate bounds of the unit-demand softmax; softplus prices), its own input scaling and price
+scale (recomputed from ``setting.low`` / ``setting.high``), its own tiling check and its own
+offset look-up. Only :func:`gemnet.certificate.params_digest` is shared (it defines the digest).
+
+Checks, each a key of :attr:`VerificationReport.checks`:
+
+- ``setting``: the certificate names this setting; bidders, items and menu size agree with the
+  setting and the model; the model is a GemNet of the expected shape for this support.
+- ``params_digest``: the digest of the model's parameters equals the certificate's.
+- ``tolerances``: the certificate's tolerances are finite (the verifier then uses
+  ``max(certificate value, minimum)``, so a certificate cannot switch the slack off).
+- ``grid``: continuous coordinates have equal cells covering ``[low, high]``; discrete ones one
+  cell per support point.
+- ``tiling``: every cell tuple lies in exactly one box (found by recursive splitting, without
+  allocating the grid).
+- ``offsets``: keys sorted, unique and in range; values finite, ``>= 0``, null column 0.
+- ``compatibility``: every box's candidate sets are compatible (see the certificate module).
+
+Rounding: the network is evaluated in float64 from its float32 weights, and every interval is
+widened by a bound on float64 rounding, so the float64 bounds contain the real-arithmetic ones.
+What the certificate's tolerances must cover (float32 rounding of the deployed mechanism) is the
+certificate's semantics, checked as stated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from diffecon.distributions import Discrete
+from diffecon.settings import Setting
+from gemnet.certificate import Certificate, params_digest
+from gemnet.model import GemNet
+
+__all__ = [
+    "MIN_ALLOC_TOLERANCE",
+    "MIN_BOX_INFLATION",
+    "MIN_UTILITY_TOLERANCE",
+    "VerificationReport",
+    "assert_certified",
+    "verify_certificate",
+]
+
+MIN_UTILITY_TOLERANCE = 1e-5
+"""Smallest candidate-set slack the verifier uses, as a fraction of the price scale."""
+MIN_ALLOC_TOLERANCE = 1e-6
+"""Smallest slack the verifier adds to allocation upper bounds."""
+MIN_BOX_INFLATION = 1e-6
+"""Smallest widening of continuous box sides, as a fraction of a cell's width per side."""
+
+CHECKS = ("setting", "params_digest", "tolerances", "grid", "tiling", "offsets", "compatibility")
+
+_EPS = float(np.finfo(np.float64).eps)
+# Grid edges must match the support to this fraction of a cell (the builder's float64 edges are
+# exact to ~1e-16); bounds then use the union of the certificate's and the ideal cells anyway.
+_GRID_RTOL = 1e-9
+# A dense prefix-count table of offset keys is used up to this many entries per bidder.
+_DENSE_OFFSET_ENTRIES = 2**24
+# Candidate (projection, key) pairs examined at once when looking up offset ranges.
+_OFFSET_PAIRS = 2**21
+# Entries of the [rows, K, width, width] array of the softmax bounds per block.
+_SOFTMAX_ENTRIES = 2**22
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationReport:
+    """Outcome of :func:`verify_certificate`.
+
+    Attributes:
+      ok: every check passed.
+      failures: the first failures, human readable, each prefixed with its check's name.
+      n_boxes: boxes in the certificate.
+      n_uncertified: boxes whose compatibility check failed (all boxes when it could not run).
+      checks: check name -> passed (keys: ``setting``, ``params_digest``, ``tolerances``,
+        ``grid``, ``tiling``, ``offsets``, ``compatibility``).
+      wall_s: seconds spent verifying.
+    """
+
+    ok: bool
+    failures: list[str]
+    n_boxes: int
+    n_uncertified: int
+    checks: dict[str, bool]
+    wall_s: float
+
+    def summary(self) -> str:
+        """One line: verdict, boxes, failed checks."""
+        failed = [k for k, v in self.checks.items() if not v]
+        verdict = "verified" if self.ok else f"REJECTED (failed: {', '.join(failed)})"
+        return (
+            f"certificate {verdict}: {self.n_boxes} boxes, {self.n_uncertified} uncertified, "
+            f"{self.wall_s:.1f} s"
+        )
+
+
+class _Failures:
+    """Collects failure messages (the first ``limit``) and which checks failed."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.messages: list[str] = []
+        self.failed: set[str] = set()
+        self.dropped = 0
+
+    def add(self, check: str, message: str) -> None:
+        self.failed.add(check)
+        if len(self.messages) < self.limit:
+            self.messages.append(f"[{check}] {message}")
+        else:
+            self.dropped += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The support of the setting, per coordinate d = i * m + j.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Coordinate:
+    discrete: bool
+    low: float
+    high: float
+    points: np.ndarray | None  # discrete support points (float64)
+
+
+def _support(setting: Setting) -> list[_Coordinate]:
+    n, m = setting.n_bidders, setting.n_items
+    low = np.asarray(setting.low, np.float64).reshape(n, m)
+    high = np.asarray(setting.high, np.float64).reshape(n, m)
+    marginal_of = getattr(setting.values, "marginal", None)
+    coords = []
+    for i in range(n):
+        for j in range(m):
+            marginal = marginal_of(i, j) if callable(marginal_of) else None
+            if isinstance(marginal, Discrete):
+                pts = np.asarray(marginal.points, np.float64)
+                coords.append(_Coordinate(True, float(pts[0]), float(pts[-1]), pts))
+            elif marginal is not None:
+                low_m, high_m = (
+                    getattr(marginal, "low", low[i, j]),
+                    getattr(marginal, "high", high[i, j]),
+                )
+                coords.append(_Coordinate(False, float(low_m), float(high_m), None))
+            else:
+                coords.append(_Coordinate(False, float(low[i, j]), float(high[i, j]), None))
+    return coords
+
+
+def _others(n: int, m: int, bidder: int) -> list[int]:
+    """Coordinates of ``b_-bidder`` (others in order, items in order)."""
+    return [i * m + j for i in range(n) if i != bidder for j in range(m)]
+
+
+def _row_major_strides(sizes: list[int]) -> np.ndarray:
+    strides = np.ones(len(sizes), np.int64)
+    for t in range(len(sizes) - 2, -1, -1):
+        strides[t] = strides[t + 1] * sizes[t + 1]
+    return strides
+
+
+# --------------------------------------------------------------------------------------------------
+# Interval bounds of the menus, from the raw weights.
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
+
+
+def _logsumexp_others(z: np.ndarray) -> np.ndarray:
+    """``out[..., j] = log sum_{k != j} exp(z[..., k])`` (last axis of width >= 2)."""
+    w = z.shape[-1]
+    others = np.where(np.eye(w, dtype=bool), -np.inf, z[..., None, :])  # [..., j, k]
+    top = np.max(others, axis=-1, keepdims=True)  # finite: width >= 2
+    return top[..., 0] + np.log(np.sum(np.exp(others - top), axis=-1))
+
+
+def _softmax_bounds(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-coordinate bounds of ``softmax(z)`` over ``z in [lo, hi]`` (last axis).
+
+    ``softmax_j(z) = sigmoid(z_j - log sum_{k != j} exp z_k)`` rises with ``z_j`` and falls with
+    every other ``z_k``: the lowest value takes ``z_j = lo_j`` and ``z_k = hi_k``, the highest the
+    reverse.
+    """
+    rows = lo.shape[0]
+    per_row = int(np.prod(lo.shape[1:])) * lo.shape[-1]
+    block = max(1, _SOFTMAX_ENTRIES // max(per_row, 1))
+    low, high = np.empty_like(lo), np.empty_like(hi)
+    for s in range(0, rows, block):
+        sl = slice(s, s + block)
+        low[sl] = _sigmoid(lo[sl] - _logsumexp_others(hi[sl]))
+        high[sl] = _sigmoid(hi[sl] - _logsumexp_others(lo[sl]))
+    return low, high
+
+
+class _MenuBounds:
+    """Float64 interval bound propagation through each bidder's network and its menu heads."""
+
+    def __init__(self, model: GemNet, setting: Setting):
+        n, m = setting.n_bidders, setting.n_items
+        self.n, self.m, self.k = n, m, int(model.menu_size)
+        self.unit_demand = setting.valuation == "unit_demand"
+        self.width = m + 1 if self.unit_demand else m
+        self.weights = [np.asarray(w[...], np.float64) for w in model.weights]
+        self.biases = [np.asarray(b[...], np.float64) for b in model.biases]
+        self.abs_weights = [np.abs(w) for w in self.weights]
+        self.abs_colsum = [np.sum(a, axis=1) for a in self.abs_weights]  # [n, out]
+        low = np.asarray(setting.low, np.float64).reshape(n, m)
+        high = np.asarray(setting.high, np.float64).reshape(n, m)
+        # The network sees (b_-i - low) / (high - low) per coordinate; prices are scaled by the
+        # largest grand-bundle value. Both from the setting, not from the model's attributes.
+        self.price_scale = float(np.max(np.sum(high, axis=1)))
+        self.shift = [low.ravel()[_others(n, m, i)] for i in range(n)]
+        self.span = [(high - low).ravel()[_others(n, m, i)] for i in range(n)]
+
+    def bounds(
+        self, bidder: int, others_lo: np.ndarray, others_hi: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Bounds of bidder ``bidder``'s ``K`` learned elements over boxes of ``b_-bidder``.
+
+        Args:
+          bidder: which bidder.
+          others_lo: ``[rows, (n - 1) * m]`` lower corner of the box of ``b_-bidder`` (values).
+          others_hi: ``[rows, (n - 1) * m]`` upper corner.
+
+        Returns:
+          ``(alloc_lo, alloc_hi)`` each ``[rows, K, items]`` and ``(price_lo, price_hi)`` each
+          ``[rows, K]`` (the null element is not included).
+        """
+        rows = others_lo.shape[0]
+        if self.n == 1:
+            lo = hi = np.ones((rows, 1))
+        else:
+            lo = (others_lo - self.shift[bidder]) / self.span[bidder]
+            hi = (others_hi - self.shift[bidder]) / self.span[bidder]
+        last = len(self.weights) - 1
+        for layer in range(last + 1):
+            w, aw = self.weights[layer][bidder], self.abs_weights[layer][bidder]
+            b = self.biases[layer][bidder]
+            centre, radius = (lo + hi) * 0.5, (hi - lo) * 0.5
+            mid = centre @ w + b
+            rad = radius @ aw
+            # Float64 rounding of centre/radius and of both products, bounded generously:
+            # (|centre| + radius) @ |w| <= max_row(|centre| + radius) * colsum(|w|).
+            size = np.max(np.abs(centre) + radius, axis=1, keepdims=True)
+            slack = (w.shape[0] + 4) * _EPS * (size * self.abs_colsum[layer][bidder] + np.abs(b))
+            lo, hi = mid - rad - slack, mid + rad + slack
+            if layer < last:
+                lo = np.maximum(np.tanh(lo) - 4 * _EPS, -1.0)
+                hi = np.minimum(np.tanh(hi) + 4 * _EPS, 1.0)
+        k, wd, m = self.k, self.width, self.m
+        logit_lo, logit_hi = (
+            lo[:, : k * wd].reshape(rows, k, wd),
+            hi[:, : k * wd].reshape(rows, k, wd),
+        )
+        raw_lo, raw_hi = lo[:, k * wd :], hi[:, k * wd :]
+        if self.unit_demand:
+            a_lo, a_hi = _softmax_bounds(logit_lo, logit_hi)
+            a_lo, a_hi = a_lo[..., :m], a_hi[..., :m]  # the last entry is the dummy
+            pad = 16 * _EPS
+        else:
+            a_lo, a_hi = _sigmoid(logit_lo), _sigmoid(logit_hi)
+            pad = 4 * _EPS
+        a_lo = np.maximum(a_lo - pad, 0.0)
+        a_hi = np.minimum(a_hi + pad, 1.0)
+        p_lo = self.price_scale * _softplus(raw_lo) * (1.0 - 8 * _EPS)
+        p_hi = self.price_scale * _softplus(raw_hi) * (1.0 + 8 * _EPS)
+        return a_lo, a_hi, p_lo, p_hi
+
+
+# --------------------------------------------------------------------------------------------------
+# Offsets: range of one bidder's offsets over boxes of the grid of b_-i.
+
+
+class _OffsetTable:
+    def __init__(self, keys: np.ndarray, values: np.ndarray, cells: list[int]):
+        self.keys = np.asarray(keys, np.int64)
+        self.values = np.asarray(values, np.float64)
+        self.cells = np.asarray(cells, np.int64)
+        self.q_dims = len(cells)
+        self.strides = _row_major_strides(list(cells))
+        if self.q_dims:
+            self.q = (self.keys[:, None] // self.strides[None, :]) % self.cells[None, :]
+        else:
+            self.q = np.zeros((len(self.keys), 0), np.int64)
+        self.prefix: np.ndarray | None = None
+        padded = math.prod(c + 1 for c in cells)
+        if self.q_dims and len(self.keys) and padded <= _DENSE_OFFSET_ENTRIES:
+            mark = np.zeros(math.prod(cells), np.int32)
+            mark[self.keys] = 1
+            cum = mark.reshape(tuple(cells))
+            for ax in range(cum.ndim):
+                cum = np.cumsum(cum, axis=ax, dtype=np.int32)
+            self.prefix = np.pad(cum, [(1, 0)] * cum.ndim).ravel()
+            self.prefix_strides = _row_major_strides([c + 1 for c in cells])
+
+    def _count(self, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Keys inside each box (inclusion-exclusion on the dense prefix table)."""
+        assert self.prefix is not None
+        total = np.zeros(len(lo), np.int64)
+        for corner in np.ndindex(*(2,) * self.q_dims):
+            bits = np.asarray(corner, np.int64)
+            flat = (lo + bits[None, :] * size) @ self.prefix_strides
+            sign = -1 if (self.q_dims - int(bits.sum())) % 2 else 1
+            total += sign * self.prefix[flat].astype(np.int64)
+        return total
+
+    def ranges(self, lo: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[rows, K + 1]`` lowest and highest offsets over the cells of each box.
+
+        A covered cell without a key has offset 0, so 0 joins the range unless every covered cell
+        has a key.
+        """
+        rows, k1 = lo.shape[0], self.values.shape[1]
+        off_lo, off_hi = np.zeros((rows, k1)), np.zeros((rows, k1))
+        n_keys = len(self.keys)
+        if n_keys == 0 or rows == 0:
+            return off_lo, off_hi
+        if self.q_dims == 0:  # one bidder: the grid of b_-i is a single cell, key 0
+            if self.keys[0] == 0:
+                off_lo[:] = self.values[0]
+                off_hi[:] = self.values[0]
+            return off_lo, off_hi
+        # Keys are row-major: with coordinates 0..t-1 fixed (one cell wide) and coordinate t a run
+        # of cells, the covered keys lie in one interval of key values. Take t as the first
+        # coordinate more than one cell wide and filter the interval's keys exactly.
+        wide = size > 1
+        t = np.where(wide.any(axis=1), np.argmax(wide, axis=1), self.q_dims - 1)
+        idx = np.arange(rows)
+        before = np.arange(self.q_dims)[None, :] < t[:, None]
+        base = np.sum(np.where(before, lo * self.strides[None, :], 0), axis=1)
+        stride_t = self.strides[t]
+        start = base + lo[idx, t] * stride_t
+        stop = base + (lo[idx, t] + size[idx, t]) * stride_t
+        first = np.searchsorted(self.keys, start, side="left")
+        n_cand = np.searchsorted(self.keys, stop, side="left") - first
+        if self.prefix is not None:
+            n_cand = np.where(self._count(lo, size) > 0, n_cand, 0)
+        todo = np.flatnonzero(n_cand > 0)
+        cells_in_box = np.prod(size.astype(np.float64), axis=1)
+        s = 0
+        while s < len(todo):
+            # A group of boxes whose candidate pairs fit the budget (at least one box).
+            cum = np.cumsum(n_cand[todo[s:]])
+            e = s + max(1, int(np.searchsorted(cum, _OFFSET_PAIRS, side="right")))
+            group = todo[s:e]
+            s = e
+            reps = n_cand[group]
+            owner = np.repeat(np.arange(len(group)), reps)
+            starts = np.cumsum(reps) - reps
+            key_idx = first[group][owner] + (np.arange(int(reps.sum())) - starts[owner])
+            q = self.q[key_idx]
+            g_lo, g_hi = lo[group][owner], (lo + size)[group][owner]
+            inside = np.all((q >= g_lo) & (q < g_hi), axis=1)
+            owner, key_idx = owner[inside], key_idx[inside]
+            if len(owner) == 0:
+                continue
+            found = np.bincount(owner, minlength=len(group))
+            seg = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            vals = self.values[key_idx]
+            v_min = np.minimum.reduceat(vals, seg, axis=0)
+            v_max = np.maximum.reduceat(vals, seg, axis=0)
+            has = np.flatnonzero(found > 0)  # ascending, as the segments
+            target = group[has]
+            complete = (found[has].astype(np.float64) == cells_in_box[target])[:, None]
+            off_lo[target] = np.where(complete, v_min, np.minimum(v_min, 0.0))
+            off_hi[target] = np.where(complete, v_max, np.maximum(v_max, 0.0))
+        return off_lo, off_hi
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiling.
+
+
+def _fmt_cells(lo: np.ndarray, hi: np.ndarray) -> str:
+    return f"lo={lo.tolist()} size={(hi - lo).tolist()}"
+
+
+def _boxes_outside(box_lo: np.ndarray, box_size: np.ndarray, cells: list[int], limit: int):
+    """Messages for boxes that are empty or reach outside the grid."""
+    grid = np.asarray(cells, np.int64)
+    bad = np.any((box_lo < 0) | (box_size < 1) | (box_lo + box_size > grid[None, :]), axis=1)
+    rows = np.flatnonzero(bad)
+    out = [
+        f"box {b}: cells lo={box_lo[b].tolist()} size={box_size[b].tolist()} is empty or "
+        f"outside the grid of {grid.tolist()} cells"
+        for b in rows[:limit]
+    ]
+    if len(rows) > limit:
+        out.append(f"... {len(rows) - limit} more boxes outside the grid")
+    return out
+
+
+def _tiling_failures(
+    box_lo: np.ndarray, box_size: np.ndarray, cells: list[int], limit: int
+) -> list[str]:
+    """Messages describing gaps and overlaps (empty when the boxes tile the grid exactly).
+
+    Boxes must be inside the grid (:func:`_boxes_outside`). Region splitting: a region is tiled
+    iff exactly one (clipped) box equals it, or, cut at an interior box boundary, both sides are
+    tiled. All regions of one depth are handled at once.
+    """
+    n_box, dims = box_lo.shape
+    grid = np.asarray(cells, np.int64)
+    box_hi = box_lo + box_size
+    reg_lo, reg_hi = np.zeros((1, dims), np.int64), grid[None, :].copy()
+    p_lo, p_hi = box_lo.astype(np.int64), box_hi.astype(np.int64)
+    p_box, p_reg = np.arange(n_box), np.zeros(n_box, np.int64)
+    max_pieces = max(10**7, 20 * n_box)
+    big = np.iinfo(np.int64).max
+    while len(reg_lo):
+        n_reg = len(reg_lo)
+        count = np.bincount(p_reg, minlength=n_reg)
+        equal = np.all(p_lo == reg_lo[p_reg], axis=1) & np.all(p_hi == reg_hi[p_reg], axis=1)
+        n_equal = np.bincount(p_reg[equal], minlength=n_reg)
+        gap = np.flatnonzero(count == 0)
+        overlap = np.flatnonzero((n_equal > 0) & (count > 1))
+        if len(gap) or len(overlap):
+            out = [
+                f"cells {_fmt_cells(reg_lo[r], reg_hi[r])} are covered by no box (gap)"
+                for r in gap[:limit]
+            ]
+            for r in overlap[: max(0, limit - len(out))]:
+                members = np.flatnonzero(p_reg == r)
+                whole = members[equal[members]][0]
+                other = members[members != whole][0]
+                out.append(
+                    f"boxes {p_box[whole]} and {p_box[other]} both cover cells "
+                    f"{_fmt_cells(p_lo[other], p_hi[other])} (overlap)"
+                )
+            return out
+        split = ~((n_equal == 1) & (count == 1))
+        if not split.any():
+            return []
+        keep = split[p_reg]
+        renumber = np.cumsum(split) - 1
+        p_lo, p_hi, p_box, p_reg = p_lo[keep], p_hi[keep], p_box[keep], renumber[p_reg[keep]]
+        rl, rh = reg_lo[split], reg_hi[split]
+        n_split, n_piece = len(rl), len(p_lo)
+        if n_piece > max_pieces:
+            return [f"gave up: the boxes were cut into more than {max_pieces} pieces"]
+        starts = np.searchsorted(p_reg, np.arange(n_split))  # pieces are sorted by region
+        mid = (rl + rh) // 2
+        # Cut at the piece boundary strictly inside the region closest to its middle, on the
+        # widest coordinate that has one (a region without any such boundary is resolved above).
+        code = np.full((n_piece, dims), big, np.int64)
+        for bound in (p_lo, p_hi):
+            inner = (bound > rl[p_reg]) & (bound < rh[p_reg])
+            dist = bound - mid[p_reg]
+            code = np.minimum(code, np.where(inner, 2 * np.abs(dist) + (dist > 0), big))
+        best = np.minimum.reduceat(code, starts, axis=0)
+        score = np.where(best < big, rh - rl, -1)
+        axis = np.argmax(score, axis=1)
+        at = np.arange(n_split)
+        chosen = best[at, axis]
+        if np.any(chosen == big):  # impossible: a region not resolved has an inner boundary
+            raise AssertionError("tiling check: a region has no interior box boundary")
+        cut = mid[at, axis] + np.where(chosen % 2 == 1, chosen // 2, -(chosen // 2))
+        left_hi, right_lo = rh.copy(), rl.copy()
+        left_hi[at, axis] = cut
+        right_lo[at, axis] = cut
+        reg_lo = np.stack([rl, right_lo], axis=1).reshape(2 * n_split, dims)
+        reg_hi = np.stack([left_hi, rh], axis=1).reshape(2 * n_split, dims)
+        p_axis, p_cut = axis[p_reg], cut[p_reg]
+        rows = np.arange(n_piece)
+        left = p_lo[rows, p_axis] < p_cut
+        right = p_hi[rows, p_axis] > p_cut
+        l_hi = p_hi[left].copy()
+        l_hi[np.arange(left.sum()), p_axis[left]] = np.minimum(
+            p_hi[rows, p_axis][left], p_cut[left]
+        )
+        r_lo = p_lo[right].copy()
+        r_lo[np.arange(right.sum()), p_axis[right]] = np.maximum(
+            p_lo[rows, p_axis][right], p_cut[right]
+        )
+        p_lo = np.concatenate([p_lo[left], r_lo])
+        p_hi = np.concatenate([l_hi, p_hi[right]])
+        p_box = np.concatenate([p_box[left], p_box[right]])
+        p_reg = np.concatenate([2 * p_reg[left], 2 * p_reg[right] + 1])
+        order = np.argsort(p_reg, kind="stable")
+        p_lo, p_hi, p_box, p_reg = p_lo[order], p_hi[order], p_box[order], p_reg[order]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------
+# The individual checks.
+
+
+def _check_setting(model: GemNet, setting: Setting, cert: Certificate, fail: _Failures) -> bool:
+    """Identity and shapes; False when the rest cannot be checked meaningfully."""
+    ok = True
+    n, m = setting.n_bidders, setting.n_items
+    if cert.setting != setting.name:
+        fail.add("setting", f"certificate is for setting {cert.setting!r}, not {setting.name!r}")
+    shapes = {
+        "bidders": (cert.n_bidders, n, model.n_bidders),
+        "items": (cert.n_items, m, model.n_items),
+        "menu size": (cert.menu_size, model.menu_size, model.menu_size),
+    }
+    for what, (c, s, mod) in shapes.items():
+        if not c == s == mod:
+            fail.add("setting", f"{what}: certificate {c}, setting {s}, model {mod}")
+            ok = False
+    if setting.valuation not in ("additive", "unit_demand") or setting.valuation != getattr(
+        model, "valuation", None
+    ):
+        fail.add(
+            "setting",
+            f"valuation: setting {setting.valuation!r}, model {getattr(model, 'valuation', None)!r}"
+            " (GemNet certificates cover additive and unit_demand bidders)",
+        )
+        ok = False
+    if not setting.bounded:
+        fail.add("setting", f"setting {setting.name!r} has an unbounded support")
+        return False
+    if not ok:
+        return False
+    low = np.asarray(setting.low, np.float64).ravel()
+    high = np.asarray(setting.high, np.float64).ravel()
+    if not (
+        np.allclose(np.asarray(model.low), low, rtol=1e-6, atol=0)
+        and np.allclose(np.asarray(model.high), high, rtol=1e-6, atol=0)
+    ):
+        fail.add(
+            "setting",
+            f"the model was built for the support low={list(model.low)} high={list(model.high)}, "
+            f"the setting's is low={low.tolist()} high={high.tolist()}",
+        )
+        ok = False
+    k, width = model.menu_size, (m + 1 if setting.valuation == "unit_demand" else m)
+    n_in, n_out = (1 if n == 1 else (n - 1) * m), k * width + k
+    weights = [np.asarray(w[...]) for w in model.weights]
+    biases = [np.asarray(b[...]) for b in model.biases]
+    if len(weights) != len(biases) or not weights:
+        fail.add("setting", f"model has {len(weights)} weight and {len(biases)} bias arrays")
+        return False
+    fan_in = n_in
+    for layer, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        if w.ndim != 3 or w.shape[:2] != (n, fan_in) or b.shape != (n, w.shape[2]):
+            fail.add(
+                "setting",
+                f"layer {layer}: weights {w.shape}, biases {b.shape}, expected "
+                f"({n}, {fan_in}, out) and ({n}, out)",
+            )
+            return False
+        if not (np.all(np.isfinite(w)) and np.all(np.isfinite(b))):
+            fail.add("setting", f"layer {layer} has non-finite parameters")
+            return False
+        fan_in = w.shape[2]
+    if fan_in != n_out:
+        fail.add("setting", f"the network has {fan_in} outputs, expected {n_out} (K={k})")
+        return False
+    return ok
+
+
+def _check_grid(setting: Setting, cert: Certificate, fail: _Failures) -> tuple[bool, bool]:
+    """``(well_formed, ok)``: well formed means the arrays can be indexed."""
+    support = _support(setting)
+    dims = len(support)
+    if not (len(cert.cell_lo) == len(cert.cell_hi) == len(cert.discrete) == dims):
+        fail.add(
+            "grid",
+            f"grid has {len(cert.cell_lo)}/{len(cert.cell_hi)}/{len(cert.discrete)} coordinates "
+            f"(cell_lo/cell_hi/discrete), expected {dims}",
+        )
+        return False, False
+    ok = True
+    for d, coord in enumerate(support):
+        lo, hi = np.asarray(cert.cell_lo[d]), np.asarray(cert.cell_hi[d])
+        where = f"coordinate {d} (bidder {d // setting.n_items}, item {d % setting.n_items})"
+        if lo.ndim != 1 or lo.shape != hi.shape or len(lo) == 0:
+            fail.add("grid", f"{where}: cell arrays have shapes {lo.shape} and {hi.shape}")
+            return False, False
+        lo, hi = lo.astype(np.float64), hi.astype(np.float64)
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            fail.add("grid", f"{where}: non-finite cell ends")
+            return False, False
+        if bool(cert.discrete[d]) != coord.discrete:
+            kind = "discrete" if coord.discrete else "continuous"
+            fail.add("grid", f"{where}: marked discrete={cert.discrete[d]}, the support is {kind}")
+            ok = False
+            continue
+        if coord.discrete:
+            assert coord.points is not None
+            if not (np.array_equal(lo, coord.points) and np.array_equal(hi, coord.points)):
+                fail.add(
+                    "grid",
+                    f"{where}: cells lo={lo.tolist()} hi={hi.tolist()}, expected the support "
+                    f"points {coord.points.tolist()}",
+                )
+                ok = False
+            continue
+        ideal_lo, ideal_hi = _ideal_cells(coord, len(lo))
+        tol = _GRID_RTOL * (coord.high - coord.low) / len(lo) + 4 * _EPS * max(
+            abs(coord.low), abs(coord.high)
+        )
+        off = np.maximum(np.abs(lo - ideal_lo), np.abs(hi - ideal_hi))
+        if np.any(off > tol):
+            c = int(np.argmax(off > tol))
+            fail.add(
+                "grid",
+                f"{where}: cell {c} of {len(lo)} is [{float(lo[c])!r}, {float(hi[c])!r}], expected "
+                f"[{float(ideal_lo[c])!r}, {float(ideal_hi[c])!r}] ({len(lo)} equal cells of "
+                f"[{coord.low}, {coord.high}])",
+            )
+            ok = False
+    return True, ok
+
+
+def _ideal_cells(coord: _Coordinate, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    edges = coord.low + (coord.high - coord.low) * np.arange(cells + 1) / cells
+    edges[-1] = coord.high
+    return edges[:-1], edges[1:]
+
+
+def _check_boxes(cert: Certificate, dims: int, fail: _Failures) -> bool:
+    lo, size = np.asarray(cert.box_lo), np.asarray(cert.box_size)
+    if lo.ndim != 2 or lo.shape != size.shape or lo.shape[1] != dims:
+        fail.add(
+            "tiling", f"boxes have shapes {lo.shape} and {size.shape}, expected [boxes, {dims}]"
+        )
+        return False
+    if not (np.issubdtype(lo.dtype, np.integer) and np.issubdtype(size.dtype, np.integer)):
+        fail.add("tiling", f"box arrays must be integers, got {lo.dtype} and {size.dtype}")
+        return False
+    return True
+
+
+def _check_offsets(
+    cert: Certificate, cells: list[int], n: int, m: int, k1: int, fail: _Failures
+) -> tuple[bool, bool]:
+    """``(usable, ok)``: usable means shapes and finiteness allow computing with them."""
+    if len(cert.offset_keys) != n or len(cert.offset_values) != n:
+        fail.add(
+            "offsets",
+            f"{len(cert.offset_keys)} key and {len(cert.offset_values)} value arrays for {n} "
+            "bidders",
+        )
+        return False, False
+    usable = ok = True
+    for i in range(n):
+        keys, vals = np.asarray(cert.offset_keys[i]), np.asarray(cert.offset_values[i])
+        total = math.prod(cells[d] for d in _others(n, m, i))
+        if keys.ndim != 1 or not (np.issubdtype(keys.dtype, np.integer) or keys.size == 0):
+            fail.add("offsets", f"bidder {i}: keys must be a 1-d integer array, got {keys.dtype}")
+            usable = ok = False
+            continue
+        if vals.shape != (keys.shape[0], k1):
+            fail.add("offsets", f"bidder {i}: values {vals.shape}, expected ({len(keys)}, {k1})")
+            usable = ok = False
+            continue
+        if total >= 2**62:
+            fail.add("offsets", f"bidder {i}: the grid of b_-i has {total} cells (over int64)")
+            usable = ok = False
+            continue
+        keys = keys.astype(np.int64)
+        vals = vals.astype(np.float64)
+        if len(keys) and (keys.min() < 0 or keys.max() >= total):
+            b = int(np.argmax((keys < 0) | (keys >= total)))
+            fail.add("offsets", f"bidder {i}: key {keys[b]} (#{b}) outside [0, {total})")
+            usable = ok = False
+        if np.any(np.diff(keys) <= 0):
+            b = int(np.argmax(np.diff(keys) <= 0))
+            fail.add(
+                "offsets",
+                f"bidder {i}: keys not strictly increasing at #{b}: {keys[b]}, {keys[b + 1]}",
+            )
+            usable = ok = False
+        finite = np.isfinite(vals)
+        if not finite.all():
+            r, c = np.argwhere(~finite)[0]
+            fail.add(
+                "offsets",
+                f"bidder {i}: key {keys[r]} element {c}: non-finite offset {float(vals[r, c])}",
+            )
+            usable = ok = False
+            continue
+        if np.any(vals < 0):
+            r, c = np.argwhere(vals < 0)[0]
+            fail.add(
+                "offsets",
+                f"bidder {i}: key {keys[r]} element {c}: negative offset {float(vals[r, c])!r}",
+            )
+            ok = False
+        if len(vals) and np.any(vals[:, -1] != 0):
+            r = int(np.argmax(vals[:, -1] != 0))
+            fail.add(
+                "offsets",
+                f"bidder {i}: key {keys[r]} offsets the null element by {float(vals[r, -1])!r} "
+                "(must be 0)",
+            )
+            ok = False
+    return usable, ok
+
+
+def _effective(value: float, floor: float, name: str, fail: _Failures) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        fail.add("tolerances", f"{name} = {value} is not finite")
+        return floor
+    return max(value, floor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compatibility of every box.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Usage:
+    """One bidder's candidate sets over a chunk of boxes.
+
+    Attributes:
+      use: ``[boxes, items]`` largest allocation upper bound (plus tolerance) among candidates.
+      cand: ``[boxes, K]`` learned elements in the candidate set.
+      cand_null: ``[boxes]`` whether the null element is a candidate.
+      inv: ``[boxes]`` row of each box in ``a_top``.
+      a_top: ``[projections, K, items]`` allocation upper bounds plus tolerance.
+    """
+
+    use: np.ndarray
+    cand: np.ndarray
+    cand_null: np.ndarray
+    inv: np.ndarray
+    a_top: np.ndarray
+
+    def describe(self, row: int, item: int, null: int) -> str:
+        """Which element attains ``use[row, item]`` and how many candidates there are."""
+        tops = np.where(self.cand[row], self.a_top[self.inv[row], :, item], -np.inf)
+        element = f"element {int(np.argmax(tops))}" if np.max(tops) >= self.use[row, item] else ""
+        if not element:
+            element = f"null element {null}"
+        count = int(self.cand[row].sum()) + int(self.cand_null[row])
+        return f"{self.use[row, item]:.6g} from {element} ({count} candidates)"
+
+
+class _Compatibility:
+    def __init__(
+        self,
+        model: GemNet,
+        setting: Setting,
+        cert: Certificate,
+        *,
+        utility_tolerance: float,
+        alloc_tolerance: float,
+        box_inflation: float,
+    ):
+        self.n, self.m, self.k = setting.n_bidders, setting.n_items, int(model.menu_size)
+        self.net = _MenuBounds(model, setting)
+        self.utility_tolerance, self.alloc_tolerance = utility_tolerance, alloc_tolerance
+        support = _support(setting)
+        self.cells = [len(c) for c in cert.cell_lo]
+        # Real extent of each cell: the union of the certificate's and the ideal cell, widened by
+        # the inflation for continuous coordinates (discrete cells are points).
+        self.edge_lo, self.edge_hi, self.pad = [], [], []
+        for d, coord in enumerate(support):
+            lo = np.asarray(cert.cell_lo[d], np.float64)
+            hi = np.asarray(cert.cell_hi[d], np.float64)
+            if coord.discrete:
+                self.pad.append(0.0)
+            else:
+                ideal_lo, ideal_hi = _ideal_cells(coord, len(lo))
+                lo, hi = np.minimum(lo, ideal_lo), np.maximum(hi, ideal_hi)
+                self.pad.append(box_inflation * (coord.high - coord.low) / len(lo))
+            self.edge_lo.append(lo)
+            self.edge_hi.append(hi)
+        self.others = [_others(self.n, self.m, i) for i in range(self.n)]
+        self.tables = [
+            _OffsetTable(
+                np.asarray(cert.offset_keys[i]),
+                np.asarray(cert.offset_values[i]),
+                [self.cells[d] for d in self.others[i]],
+            )
+            for i in range(self.n)
+        ]
+
+    def extent(
+        self, lo: np.ndarray, size: np.ndarray, dims: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Real (inflated) lower and upper corners of boxes over the coordinates ``dims``."""
+        rlo, rhi = np.empty(lo.shape), np.empty(lo.shape)
+        for t, d in enumerate(dims):
+            rlo[:, t] = self.edge_lo[d][lo[:, t]] - self.pad[d]
+            rhi[:, t] = self.edge_hi[d][lo[:, t] + size[:, t] - 1] + self.pad[d]
+        return rlo, rhi
+
+    def _bidder_bounds(self, bidder: int, lo: np.ndarray, size: np.ndarray):
+        """Menu and offset bounds of ``bidder`` per box, computed once per distinct projection."""
+        dims = self.others[bidder]
+        if not dims:
+            inverse = np.zeros(len(lo), np.int64)
+            p_lo, p_size = np.zeros((1, 0), np.int64), np.zeros((1, 0), np.int64)
+        else:
+            proj = np.concatenate([lo[:, dims], size[:, dims]], axis=1)
+            uniq, inverse = np.unique(proj, axis=0, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            p_lo, p_size = uniq[:, : len(dims)], uniq[:, len(dims) :]
+        x_lo, x_hi = self.extent(p_lo, p_size, dims)
+        a_lo, a_hi, pr_lo, pr_hi = self.net.bounds(bidder, x_lo, x_hi)
+        o_lo, o_hi = self.tables[bidder].ranges(p_lo, p_size)
+        return inverse, a_lo, a_hi, pr_lo, pr_hi, o_lo, o_hi
+
+    def usage(
+        self, bidder: int, lo: np.ndarray, size: np.ndarray, v_lo: np.ndarray, v_hi: np.ndarray
+    ) -> _Usage:
+        """Bidder ``bidder``'s candidate sets and their largest allocations over boxes."""
+        inv, a_lo, a_hi, pr_lo, pr_hi, o_lo, o_hi = self._bidder_bounds(bidder, lo, size)
+        k, tol_a = self.k, self.alloc_tolerance
+        a_top = a_hi + tol_a  # [U, K, m]
+        boxes = len(lo)
+        # Utility bounds: sum_j v_j a_j over v in [v_lo, v_hi], a in [a_lo, a_top] (a >= 0).
+        gain_hi, gain_lo = np.zeros((boxes, k)), np.zeros((boxes, k))
+        for j in range(self.m):
+            top_j, low_j = np.ascontiguousarray(a_top[:, :, j]), np.ascontiguousarray(a_lo[:, :, j])
+            gain_hi += top_j[inv] * np.maximum(v_hi[:, j], 0.0)[:, None]
+            gain_lo += low_j[inv] * np.maximum(v_lo[:, j], 0.0)[:, None]
+            # Inflation can reach below a support starting at 0.
+            neg = np.flatnonzero(v_hi[:, j] < 0)
+            gain_hi[neg] += low_j[inv[neg]] * v_hi[neg, j][:, None]
+            neg = np.flatnonzero(v_lo[:, j] < 0)
+            gain_lo[neg] += top_j[inv[neg]] * v_lo[neg, j][:, None]
+        u_hi = gain_hi - (pr_lo + o_lo[:, :k])[inv]
+        u_lo = gain_lo - (pr_hi + o_hi[:, :k])[inv]
+        null_hi, null_lo = -o_lo[inv, k], -o_hi[inv, k]  # the null element allocates exactly 0
+        floor = np.maximum(np.max(u_lo, axis=1), null_lo) - self.utility_tolerance
+        cand = u_hi >= floor[:, None]
+        cand_null = null_hi >= floor
+        use = np.full((boxes, self.m), -np.inf)
+        rows, elems = np.nonzero(cand)  # row-major: grouped by box
+        if len(rows):
+            seg = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+            use[rows[seg]] = np.maximum.reduceat(a_top[inv[rows], elems], seg, axis=0)
+        use = np.maximum(use, np.where(cand_null, tol_a, -np.inf)[:, None])
+        return _Usage(use, cand, cand_null, inv, a_top)
+
+    def run(self, box_lo: np.ndarray, box_size: np.ndarray, chunk: int, fail: _Failures) -> int:
+        n, m = self.n, self.m
+        n_box = len(box_lo)
+        if n > 1:  # group boxes with equal projections for bidder 0, to share its bounds
+            d0 = self.others[0]
+            cols = np.concatenate([box_lo[:, d0], box_size[:, d0]], axis=1)
+            order = np.lexsort(cols.T[::-1])
+        else:
+            order = np.arange(n_box)
+        all_dims = list(range(n * m))
+        n_bad = 0
+        for s in range(0, n_box, chunk):
+            rows = order[s : s + chunk]
+            lo, size = box_lo[rows], box_size[rows]
+            v_lo, v_hi = self.extent(lo, size, all_dims)
+            usages = []
+            for i in range(n):
+                own = slice(i * m, (i + 1) * m)
+                usages.append(self.usage(i, lo, size, v_lo[:, own], v_hi[:, own]))
+            total = np.sum([u.use for u in usages], axis=0)  # [boxes, m]
+            bad = np.any(total > 1.0, axis=1)
+            if not bad.any():
+                continue
+            n_bad += int(bad.sum())
+            for r in np.flatnonzero(bad):
+                if len(fail.messages) >= fail.limit:
+                    fail.add("compatibility", "")
+                    continue
+                j = int(np.argmax(total[r]))
+                parts = ", ".join(
+                    f"bidder {i}: {usages[i].describe(r, j, self.k)}" for i in range(n)
+                )
+                fail.add(
+                    "compatibility",
+                    f"box {rows[r]} (cells lo={lo[r].tolist()} size={size[r].tolist()}; values "
+                    f"[{np.round(v_lo[r], 6).tolist()}, {np.round(v_hi[r], 6).tolist()}]) is not "
+                    f"certified: item {j} total {total[r, j]:.6g} > 1 ({parts})",
+                )
+        return n_bad
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def verify_certificate(
+    model: GemNet,
+    setting: Setting,
+    certificate: Certificate,
+    *,
+    chunk: int = 4096,
+    max_failures: int = 20,
+) -> VerificationReport:
+    """Re-check a repaired GemNet's certificate from scratch.
+
+    Everything is recomputed in numpy float64 from the model's raw weights and the setting's
+    support; nothing from the builder is trusted except the certificate's claims themselves. The
+    tolerances used are ``max(certificate value, minimum)`` with the minimums
+    :data:`MIN_UTILITY_TOLERANCE` (times the price scale), :data:`MIN_ALLOC_TOLERANCE` and
+    :data:`MIN_BOX_INFLATION`.
+
+    Args:
+      model: the trained (unrepaired) GemNet whose weights the certificate names.
+      setting: the setting the certificate claims to cover.
+      certificate: the certificate to check.
+      chunk: boxes bounded at once (memory grows with ``chunk * menu_size * items``).
+      max_failures: failure messages kept in the report.
+
+    Returns:
+      A :class:`VerificationReport`; ``ok`` is True only when every check passed.
+
+    Raises:
+      ValueError: ``chunk`` or ``max_failures`` below 1.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from diffecon import get_setting
+      >>> from gemnet.certificate import Certificate, params_digest
+      >>> from gemnet.model import GemNet, GemNetConfig
+      >>> setting = get_setting("additive_1x2_uniform")
+      >>> model = GemNet.for_setting(setting, GemNetConfig(menu_size=4), rngs=nnx.Rngs(0))
+      >>> leaves = [w[...] for w in model.weights] + [b[...] for b in model.biases]
+      >>> cert = Certificate(
+      ...     setting=setting.name, n_bidders=1, n_items=2, menu_size=4,
+      ...     params_digest=params_digest([np.asarray(x) for x in leaves]),
+      ...     cell_lo=(np.zeros(1), np.zeros(1)), cell_hi=(np.ones(1), np.ones(1)),
+      ...     discrete=(False, False), box_lo=np.zeros((1, 2), np.int64),
+      ...     box_size=np.ones((1, 2), np.int64), offset_keys=(np.zeros(0, np.int64),),
+      ...     offset_values=(np.zeros((0, 5)),), utility_tolerance=1e-5, alloc_tolerance=1e-6,
+      ...     box_inflation=1e-4)
+      >>> verify_certificate(model, setting, cert).ok
+      True
+    """
+    if chunk < 1 or max_failures < 1:
+        raise ValueError(f"chunk and max_failures must be >= 1, got {chunk} and {max_failures}")
+    start = time.perf_counter()
+    fail = _Failures(max_failures)
+    n_box = int(np.shape(certificate.box_lo)[0]) if np.ndim(certificate.box_lo) >= 1 else 0
+    n_uncertified = n_box
+    ran: set[str] = set()
+
+    def finish() -> VerificationReport:
+        checks = {name: name in ran and name not in fail.failed for name in CHECKS}
+        failures = list(fail.messages)
+        if fail.dropped:
+            failures.append(f"... and {fail.dropped} more failures")
+        return VerificationReport(
+            ok=all(checks.values()),
+            failures=failures,
+            n_boxes=n_box,
+            n_uncertified=n_uncertified,
+            checks=checks,
+            wall_s=time.perf_counter() - start,
+        )
+
+    ran.add("setting")
+    structure_ok = _check_setting(model, setting, certificate, fail)
+
+    ran.add("params_digest")
+    leaves = [np.asarray(w[...]) for w in model.weights] + [
+        np.asarray(b[...]) for b in model.biases
+    ]
+    digest = params_digest(leaves)
+    if digest != certificate.params_digest:
+        fail.add(
+            "params_digest",
+            f"the model's parameters hash to {digest[:16]}..., the certificate names "
+            f"{str(certificate.params_digest)[:16]}...",
+        )
+
+    ran.add("tolerances")
+    n, m = setting.n_bidders, setting.n_items
+    scale = float(np.max(np.sum(np.asarray(setting.high, np.float64).reshape(n, m), axis=1)))
+    utility_tolerance = _effective(
+        certificate.utility_tolerance, MIN_UTILITY_TOLERANCE * scale, "utility_tolerance", fail
+    )
+    alloc_tolerance = _effective(
+        certificate.alloc_tolerance, MIN_ALLOC_TOLERANCE, "alloc_tolerance", fail
+    )
+    box_inflation = _effective(certificate.box_inflation, MIN_BOX_INFLATION, "box_inflation", fail)
+    if not structure_ok:
+        fail.add("compatibility", "not checked: the model does not match the setting")
+        return finish()
+    k1 = int(model.menu_size) + 1
+
+    ran.add("grid")
+    grid_usable, _ = _check_grid(setting, certificate, fail)
+    cells = [len(c) for c in certificate.cell_lo]
+
+    ran.add("tiling")
+    boxes_usable = _check_boxes(certificate, n * m, fail)
+    box_lo = box_size = np.zeros((0, n * m), np.int64)
+    in_range = False
+    if boxes_usable:
+        box_lo = np.asarray(certificate.box_lo, np.int64)
+        box_size = np.asarray(certificate.box_size, np.int64)
+    if not grid_usable:
+        fail.add("tiling", "not checked: the grid is malformed")
+    elif boxes_usable:
+        outside = _boxes_outside(box_lo, box_size, cells, max_failures)
+        in_range = not outside
+        messages = outside or _tiling_failures(box_lo, box_size, cells, max_failures)
+        for message in messages:
+            fail.add("tiling", message)
+
+    ran.add("offsets")
+    offsets_usable = False
+    if grid_usable:
+        offsets_usable, _ = _check_offsets(certificate, cells, n, m, k1, fail)
+    else:
+        fail.add("offsets", "not checked: the grid is malformed")
+
+    ran.add("compatibility")
+    if not (grid_usable and boxes_usable and in_range and offsets_usable):
+        fail.add("compatibility", "not checked: malformed grid, boxes or offsets")
+        return finish()
+    checker = _Compatibility(
+        model,
+        setting,
+        certificate,
+        utility_tolerance=utility_tolerance,
+        alloc_tolerance=alloc_tolerance,
+        box_inflation=box_inflation,
+    )
+    n_uncertified = checker.run(box_lo, box_size, chunk, fail)
+    return finish()
+
+
+def assert_certified(
+    model: GemNet,
+    setting: Setting,
+    certificate: Certificate,
+    *,
+    chunk: int = 4096,
+    max_failures: int = 20,
+) -> VerificationReport:
+    """:func:`verify_certificate`, raising when the certificate does not verify.
+
+    Returns:
+      The report (``ok`` is True).
+
+    Raises:
+      ValueError: the certificate failed a check; the message lists the report's failures.
+    """
+    report = verify_certificate(model, setting, certificate, chunk=chunk, max_failures=max_failures)
+    if not report.ok:
+        raise ValueError(report.summary() + "\n" + "\n".join(report.failures))
+    return report

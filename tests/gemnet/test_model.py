@@ -1,0 +1,106 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffecon import check_mechanism, get_setting
+from gemnet import GemNet, GemNetConfig, choose, menu_bounds, menu_utilities
+from gemnet.model import others_bids
+
+SMALL = GemNetConfig(menu_size=6, hidden=16)
+
+
+def _model(name, seed=0):
+    return GemNet.for_setting(get_setting(name), SMALL, rngs=nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize(
+    "name", ["additive_2x2_uniform", "unit_2x2_uniform", "additive_3x3_uniform"]
+)
+def test_menu_is_bit_identical_when_own_bid_changes(name):
+    setting = get_setting(name)
+    model = _model(name)
+    bids = setting.sample(jax.random.key(1), (64,))
+    menus = jax.jit(lambda b: model.menus(b))
+    base = menus(bids)
+    for i in range(setting.n_bidders):
+        moved = bids.at[:, i].set(setting.sample(jax.random.key(2 + i), (64,))[:, i])
+        other = menus(moved)
+        np.testing.assert_array_equal(np.asarray(other.alloc[:, i]), np.asarray(base.alloc[:, i]))
+        np.testing.assert_array_equal(np.asarray(other.price[:, i]), np.asarray(base.price[:, i]))
+        # ...while the others' menus do react to bidder i's bid.
+        j = (i + 1) % setting.n_bidders
+        assert not np.array_equal(np.asarray(other.price[:, j]), np.asarray(base.price[:, j]))
+
+
+def test_one_bidder_is_rochetnet_with_a_constant_menu():
+    setting = get_setting("additive_1x2_uniform")
+    model = _model("additive_1x2_uniform")
+    menus = model.menus(setting.sample(jax.random.key(0), (5,)))
+    np.testing.assert_array_equal(np.asarray(menus.price[0]), np.asarray(menus.price[4]))
+    check_mechanism(model, setting)  # raises on failure; one bidder never over-allocates
+
+
+def test_null_element_and_individual_rationality():
+    setting = get_setting("additive_2x2_uniform")
+    model = _model("additive_2x2_uniform")
+    bids = setting.sample(jax.random.key(3), (256,))
+    menus = model.menus(bids)
+    assert menus.alloc.shape == (256, 2, 7, 2) and menus.price.shape == (256, 2, 7)
+    np.testing.assert_array_equal(np.asarray(menus.alloc[..., -1, :]), 0.0)
+    np.testing.assert_array_equal(np.asarray(menus.price[..., -1]), 0.0)
+    assert float(jnp.min(menus.price)) >= 0.0
+    out = model(bids)
+    utility = jnp.sum(bids * out.alloc, -1) - out.pay
+    assert float(jnp.min(utility)) >= -1e-6
+    chosen = choose(menus, bids).index
+    best = jnp.max(menu_utilities(menus, bids), -1)
+    picked = jnp.take_along_axis(menu_utilities(menus, bids), chosen[..., None], -1)[..., 0]
+    np.testing.assert_array_equal(np.asarray(best), np.asarray(picked))
+
+
+def test_soft_choice_tends_to_the_hard_choice():
+    setting = get_setting("additive_2x2_uniform")
+    model = _model("additive_2x2_uniform")
+    bids = setting.sample(jax.random.key(4), (128,))
+    hard = model(bids)
+    soft = model.soft_outcome(bids, kappa=1e6)
+    np.testing.assert_allclose(np.asarray(soft.pay), np.asarray(hard.pay), atol=1e-3)
+    cool = model.soft_outcome(bids, kappa=1.0)
+    assert not np.allclose(np.asarray(cool.pay), np.asarray(hard.pay), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["additive_2x2_uniform", "unit_2x2_uniform", "unit_1x2_uniform"])
+def test_interval_bounds_contain_sampled_menus(name):
+    setting = get_setting(name)
+    model = _model(name, seed=5)
+    n = setting.n_bidders
+    key = jax.random.key(6)
+    centre = setting.sample(key, (32,))
+    width = 0.1
+    lo = jnp.clip(centre - width, 0.0, 1.0)
+    hi = jnp.clip(centre + width, 0.0, 1.0)
+    bounds = menu_bounds(model, others_bids(lo), others_bids(hi))
+    for i in range(n):
+        for s in range(20):
+            u = jax.random.uniform(jax.random.key(100 + s), centre.shape)
+            menus = model.menus(lo + u * (hi - lo))
+            assert bool(jnp.all(bounds.alloc[0][:, i] <= menus.alloc[:, i] + 1e-6))
+            assert bool(jnp.all(bounds.alloc[1][:, i] >= menus.alloc[:, i] - 1e-6))
+            assert bool(jnp.all(bounds.price[0][:, i] <= menus.price[:, i] + 1e-5))
+            assert bool(jnp.all(bounds.price[1][:, i] >= menus.price[:, i] - 1e-5))
+        # Bounds are not vacuous: the allocation interval is narrower than [0, 1].
+        assert float(jnp.mean(bounds.alloc[1] - bounds.alloc[0])) < 0.5
+
+
+def test_bad_settings_and_bids_are_rejected():
+    with pytest.raises(ValueError, match="bounded"):
+        GemNet.for_setting(get_setting("exponential_3x1"), SMALL, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="combinatorial"):
+        GemNet.for_setting(get_setting("CA_sym_uniform_12"), SMALL, rngs=nnx.Rngs(0))
+    model = _model("additive_2x2_uniform")
+    with pytest.raises(ValueError):
+        model(jnp.ones((4, 3, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        model(jnp.full((4, 2, 2), jnp.nan))

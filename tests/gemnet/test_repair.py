@@ -1,0 +1,144 @@
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffecon import (
+    Exponential,
+    IndependentValues,
+    RegretConfig,
+    Setting,
+    check_mechanism,
+    evaluate,
+    get_setting,
+    regret_search,
+)
+from gemnet import RepairConfig, RepairError, load_certificate, repair, save_certificate
+from gemnet.milp import CellProblem, solve_cell
+
+FAST = RepairConfig(max_level=3, workers=1, progress=False)
+
+
+def test_repaired_mechanism_never_over_allocates(repaired_2x2):
+    setting, _, repaired, cert = repaired_2x2
+    assert cert.stats["milps"] > 0 and sum(cert.stats["offset_cells"]) > 0
+    est = evaluate(repaired, setting, n_samples=50_000, key=jax.random.key(7))
+    assert est["over_allocation_rate"].value == 0.0
+    # prices only rise: repaired payments are never below... the base offsets are >= 0
+    assert all(np.all(v >= 0) for v in cert.offset_values)
+    check_mechanism(repaired, setting)
+
+
+def test_repaired_menu_is_bit_identical_when_own_bid_changes(repaired_2x2):
+    setting, _, repaired, _ = repaired_2x2
+    bids = setting.sample(jax.random.key(1), (256,))
+    menus = jax.jit(lambda b: repaired.menus(b))
+    base = menus(bids)
+    for i in range(setting.n_bidders):
+        moved = bids.at[:, i].set(setting.sample(jax.random.key(9 + i), (256,))[:, i])
+        other = menus(moved)
+        np.testing.assert_array_equal(np.asarray(other.price[:, i]), np.asarray(base.price[:, i]))
+        np.testing.assert_array_equal(np.asarray(other.alloc[:, i]), np.asarray(base.alloc[:, i]))
+
+
+def test_regret_search_finds_no_regret_on_a_repaired_gemnet(repaired_2x2):
+    setting, _, repaired, _ = repaired_2x2
+    profiles = setting.sample(jax.random.key(3), (40,))
+    result = regret_search(
+        repaired,
+        profiles,
+        key=jax.random.key(4),
+        setting=setting,
+        config=RegretConfig.quick(),
+        progress=False,
+    )
+    assert float(jnp.max(result.regret)) <= 1e-5
+
+
+def test_certificate_roundtrip(tmp_path, repaired_2x2):
+    _, _, _, cert = repaired_2x2
+    save_certificate(cert, tmp_path / "cert")
+    loaded = load_certificate(tmp_path / "cert")
+    np.testing.assert_array_equal(loaded.box_lo, cert.box_lo)
+    for a, b in zip(loaded.offset_values, cert.offset_values, strict=True):
+        np.testing.assert_array_equal(a, b)
+    (tmp_path / "cert" / "certificate.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_certificate(tmp_path / "cert")
+
+
+def test_repair_rejects_bad_input(tiny_2x2):
+    setting, model = tiny_2x2
+    with pytest.raises(ValueError, match="is 1 x 2"):
+        repair(model, get_setting("additive_1x2_uniform"), FAST)
+    unbounded = Setting(
+        name="exp_2x2",
+        n_bidders=2,
+        n_items=2,
+        valuation="additive",
+        values=IndependentValues.iid(Exponential(1.0), n_bidders=2, n_items=2),
+    )
+    with pytest.raises(ValueError, match="bounded"):
+        repair(model, unbounded, FAST)
+    # Under pytest jaxtyping rejects the type first; outside tests repair's own ValueError does.
+    with pytest.raises((ValueError, TypeError)):
+        repair(object(), setting, FAST)  # type: ignore[arg-type]
+
+
+def test_repair_gives_up_clearly_when_rounds_run_out(tiny_2x2):
+    setting, model = tiny_2x2
+    with pytest.raises(RepairError, match="MILP rounds"):
+        repair(model, setting, dataclasses.replace(FAST, max_rounds=0))
+
+
+def test_cell_milp_prices_a_bad_element_out():
+    # Element 0 is bad and best for the bidder; element 1 is good; element 2 is the null one.
+    problem = CellProblem(
+        cell=7,
+        u_hi=np.array([[0.5, 0.3, 0.0]]),
+        u_lo=np.array([[0.4, 0.2, 0.0]]),
+        bad=np.array([[True, False, False]]),
+        eps=1e-4,
+        floor_slacks=(0.05, math.inf),
+        dominators=2,
+        time_limit_s=10.0,
+    )
+    sol = solve_cell(problem)
+    assert sol.offsets is not None and sol.cell == 7
+    # Cheapest fix: dominated by element 1 (u_lo 0.2) -> offset >= 0.5 - 0.2 + eps.
+    assert sol.offsets[0] == pytest.approx(0.3 + 1e-4, abs=1e-6)
+    assert sol.offsets[2] == 0.0
+    # With the floor at 0.4 - 0.05 = 0.35, element 1 cannot dominate: the floor was relaxed.
+    assert sol.floor_slack == math.inf
+
+
+def test_cell_milp_without_bad_elements_changes_nothing():
+    problem = CellProblem(
+        cell=0,
+        u_hi=np.array([[0.5, 0.0]]),
+        u_lo=np.array([[0.4, 0.0]]),
+        bad=np.array([[False, False]]),
+        eps=1e-4,
+        floor_slacks=(math.inf,),
+        dominators=2,
+        time_limit_s=10.0,
+    )
+    sol = solve_cell(problem)
+    np.testing.assert_array_equal(sol.offsets, 0.0)
+
+
+def test_discrete_setting_is_repaired_on_its_support():
+    from diffecon import TrainConfig
+    from gemnet import GemNetConfig, GemNetTrainConfig, train_gemnet
+
+    setting = get_setting("yao_2x2_discrete_37")
+    config = GemNetTrainConfig(network=GemNetConfig(menu_size=8, hidden=16), batch_size=256)
+    model, _ = train_gemnet(setting, config, TrainConfig(steps=100, progress=False))
+    repaired, cert = repair(model, setting, FAST)
+    assert cert.n_boxes == 16 and np.all(cert.box_size == 1)
+    profiles = np.array(np.meshgrid(*[[3.0, 7.0]] * 4, indexing="ij")).reshape(4, -1).T
+    out = repaired(jnp.asarray(profiles.reshape(16, 2, 2), jnp.float32))
+    assert float(jnp.max(jnp.sum(out.alloc, axis=-2))) <= 1.0 + 1e-6

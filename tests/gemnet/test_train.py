@@ -1,0 +1,59 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffecon import TrainConfig, evaluate, get_setting
+from gemnet import (
+    GemNetConfig,
+    GemNetTrainConfig,
+    incompatibility,
+    load_gemnet,
+    over_allocation,
+    save_gemnet,
+    train_gemnet,
+)
+
+
+def test_incompatibility_and_over_allocation_by_hand():
+    alloc = jnp.array([[[0.7, 0.2], [0.6, 0.9]], [[0.5, 0.5], [0.5, 0.5]]])
+    np.testing.assert_allclose(np.asarray(incompatibility(alloc)), [0.3 + 0.1, 0.0], atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(incompatibility(alloc, margin=0.1)), [0.4 + 0.2, 0.1 + 0.1], atol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(over_allocation(alloc)), [0.3, 0.0], atol=1e-6)
+
+
+def test_training_raises_revenue_and_tracks_over_allocation():
+    setting = get_setting("additive_1x2_uniform")
+    config = GemNetTrainConfig(network=GemNetConfig(menu_size=32), batch_size=1024)
+    _, result = train_gemnet(setting, config, TrainConfig(steps=400, log_every=50, progress=False))
+    first, last = result.history[0], result.history[-1]
+    assert {"revenue", "revenue_hard", "over_allocation_rate", "kappa"} <= set(last)
+    assert last["revenue_hard"] > max(first["revenue_hard"] + 0.05, 0.45)
+    assert last["kappa"] > first["kappa"]
+    assert last["over_allocation_rate"] == 0.0  # one bidder can never over-allocate
+
+
+def test_save_load_roundtrip(tmp_path, tiny_2x2):
+    setting, model = tiny_2x2
+    config = GemNetTrainConfig(network=GemNetConfig(menu_size=8, hidden=16))
+    save_gemnet(model, tmp_path / "ck", setting=setting, config=config, step=300)
+    loaded, loaded_config, _ = load_gemnet(tmp_path / "ck", setting)
+    assert loaded_config == config
+    bids = setting.sample(jax.random.key(0), (32,))
+    np.testing.assert_array_equal(np.asarray(loaded(bids).pay), np.asarray(model(bids).pay))
+    with pytest.raises(ValueError, match="holds a GemNet for"):
+        load_gemnet(tmp_path / "ck", get_setting("additive_1x2_uniform"))
+    with pytest.raises(ValueError, match="no GemNet checkpoint"):
+        load_gemnet(tmp_path / "missing", setting)
+    meta_path = next((tmp_path / "ck").glob("step_*/meta.json"))
+    meta_path.write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_gemnet(tmp_path / "ck", setting)
+
+
+def test_tiny_model_over_allocates_before_repair(tiny_2x2):
+    setting, model = tiny_2x2
+    est = evaluate(model, setting, n_samples=20_000, key=jax.random.key(1))
+    assert est["over_allocation_rate"].value > 0.0
