@@ -8,6 +8,7 @@ independently of the code that built it.
 """
 
 from gemnet.certificate import Certificate, load_certificate, save_certificate
+from gemnet.evaluate import OverAllocationSearch, adversarial_over_allocation
 from gemnet.model import GemNet, GemNetConfig, Menus, choose, menu_bounds, menu_utilities
 from gemnet.repair import RepairConfig, RepairedGemNet, RepairError, repair
 from gemnet.train import (
@@ -25,9 +26,11 @@ __all__ = [
     "GemNetConfig",
     "GemNetTrainConfig",
     "Menus",
+    "OverAllocationSearch",
     "RepairConfig",
     "RepairError",
     "RepairedGemNet",
+    "adversarial_over_allocation",
     "choose",
     "incompatibility",
     "load_certificate",

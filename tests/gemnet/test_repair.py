@@ -142,3 +142,17 @@ def test_discrete_setting_is_repaired_on_its_support():
     profiles = np.array(np.meshgrid(*[[3.0, 7.0]] * 4, indexing="ij")).reshape(4, -1).T
     out = repaired(jnp.asarray(profiles.reshape(16, 2, 2), jnp.float32))
     assert float(jnp.max(jnp.sum(out.alloc, axis=-2))) <= 1.0 + 1e-6
+
+
+def test_adversarial_search_finds_over_allocation_only_before_repair(repaired_2x2):
+    from gemnet import adversarial_over_allocation
+
+    setting, model, repaired, _ = repaired_2x2
+    before = adversarial_over_allocation(
+        model, setting, key=jax.random.key(0), n_starts=256, steps=50
+    )
+    assert before.max_over_allocation > 0.05 and before.rate > 0.0
+    after = adversarial_over_allocation(
+        repaired, setting, key=jax.random.key(0), n_starts=256, steps=50
+    )
+    assert after.max_over_allocation <= 1e-6 and after.rate == 0.0
