@@ -15,6 +15,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "speed": ("benchmarks.speed", "SpeedConfig"),
     "readme": ("benchmarks.readme", "ReadmeConfig"),
     "merge": ("benchmarks.merge", "MergeConfig"),
+    "gemnet": ("benchmarks.gemnet", "GemNetBenchConfig"),
 }
 
 

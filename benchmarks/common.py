@@ -20,6 +20,15 @@ CHECKPOINTS_DIR = RESULTS_DIR / "checkpoints"
 
 # Which metrics each suite's Markdown table shows (the suite's own table and the README's).
 TABLE_METRICS: dict[str, tuple[str, ...]] = {
+    "gemnet": (
+        "revenue",
+        "over_allocation_rate",
+        "adversarial_over_allocation",
+        "regret_max",
+        "certified",
+        "train_wall_s",
+        "repair_wall_s",
+    ),
     "revenue": (
         "revenue",
         "regret_mean",

@@ -19,6 +19,7 @@ from gemnet.train import (
     save_gemnet,
     train_gemnet,
 )
+from gemnet.verify import VerificationReport, assert_certified, verify_certificate
 
 __all__ = [
     "Certificate",
@@ -30,7 +31,9 @@ __all__ = [
     "RepairConfig",
     "RepairError",
     "RepairedGemNet",
+    "VerificationReport",
     "adversarial_over_allocation",
+    "assert_certified",
     "choose",
     "incompatibility",
     "load_certificate",
@@ -42,4 +45,5 @@ __all__ = [
     "save_certificate",
     "save_gemnet",
     "train_gemnet",
+    "verify_certificate",
 ]

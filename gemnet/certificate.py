@@ -24,7 +24,8 @@ The certificate claims: for every box, with interval bounds of every bidder's me
 (inflated by ``box_inflation`` times the cell width on each side, to cover float32 rounding of the
 cell lookup), every bidder's **candidate set** (elements whose largest utility over the box, after
 offsets, reaches the best smallest utility minus ``utility_tolerance``) is compatible: for every
-item ``j``, ``sum_i max_{k in candidates_i} alloc_ij^k (upper bound) <= 1``. ``verify_certificate``
+item ``j``, ``sum_i max_{k in candidates_i} min(alloc_ij^k (upper bound) + alloc_tolerance, 1)``
+is at most 1 (the null element allocates exactly 0). ``verify_certificate``
 re-derives all of that from the network's weights and this file.
 """
 
@@ -63,6 +64,8 @@ class Certificate:
       utility_tolerance: slack of candidate sets (absolute, in value units).
       alloc_tolerance: added to every allocation upper bound.
       box_inflation: relative widening of each box per side (a fraction of its cells' width).
+      bound_splits: menu bounds over a box may be taken as the union of interval bounds over
+        ``bound_splits`` equal parts of each coordinate of the (inflated) ``b_-i`` projection.
       stats: how the certificate was built (boxes, MILPs, time...), informational only.
     """
 
@@ -81,6 +84,7 @@ class Certificate:
     utility_tolerance: float
     alloc_tolerance: float
     box_inflation: float
+    bound_splits: int = 1
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -139,6 +143,7 @@ def save_certificate(certificate: Certificate, directory: str | Path) -> Path:
         "utility_tolerance": c.utility_tolerance,
         "alloc_tolerance": c.alloc_tolerance,
         "box_inflation": c.box_inflation,
+        "bound_splits": c.bound_splits,
         "stats": c.stats,
     }
     tmp_npz = directory / "certificate.npz.tmp"
@@ -181,6 +186,7 @@ def load_certificate(directory: str | Path) -> Certificate:
             utility_tolerance=float(meta["utility_tolerance"]),
             alloc_tolerance=float(meta["alloc_tolerance"]),
             box_inflation=float(meta["box_inflation"]),
+            bound_splits=int(meta.get("bound_splits", 1)),
             stats=dict(meta.get("stats", {})),
         )
     except (OSError, KeyError, TypeError, ValueError, EOFError) as err:

@@ -65,6 +65,8 @@ class RepairConfig:
       utility_tolerance: candidate-set slack, a fraction of the price scale (float32 rounding).
       alloc_tolerance: added to allocation upper bounds.
       box_inflation: boxes are widened by this fraction of a cell per side.
+      bound_splits: menus are bounded over a box as the union of interval bounds over this many
+        parts per coordinate of ``b_-i`` (reduced so that at most 64 parts are used).
       milp_margin: MILP exclusions are strict by this multiple of the utility tolerance.
       floor_slacks: the MILP's utility floors tried in order, as fractions of the price scale
         (``inf``: the null element's 0, always feasible).
@@ -82,6 +84,7 @@ class RepairConfig:
     utility_tolerance: float = 1e-5
     alloc_tolerance: float = 1e-6
     box_inflation: float = 1e-4
+    bound_splits: int = 4
     milp_margin: float = 3.0
     floor_slacks: tuple[float, ...] = (0.05, 0.25, math.inf)
     dominators: int = 4
@@ -279,16 +282,42 @@ class _Offsets:
 # Bounds and candidate sets (the builder's; gemnet.verify has an independent implementation).
 
 
-def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float):
+def split_menu_bounds(model: GemNet, others_lo, others_hi, splits: int):
+    """Menu bounds over ``[others_lo, others_hi]`` ``[*batch, bidders, in]`` as the union of the
+    interval bounds over ``splits`` equal parts per input coordinate (tighter than one box)."""
+    d = others_lo.shape[-1]
+    if splits <= 1 or model.n_bidders == 1:
+        mb = menu_bounds(model, others_lo, others_hi)
+        return mb.alloc[0], mb.alloc[1], mb.price[0], mb.price[1]
+    parts = np.stack(np.meshgrid(*[np.arange(splits)] * d, indexing="ij"), -1).reshape(-1, d)
+    f = jnp.asarray(parts, others_lo.dtype)[:, None, :]  # [S^d, 1, in]
+    width = (others_hi - others_lo)[..., None, :, :]
+    base = others_lo[..., None, :, :]
+    sub_lo = base + width * f / splits
+    sub_hi = jnp.where(f + 1 == splits, others_hi[..., None, :, :], base + width * (f + 1) / splits)
+    mb = menu_bounds(model, sub_lo, sub_hi)  # [*batch, S^d, n, K+1, ...]
+    ax = others_lo.ndim - 2
+    return (
+        jnp.min(mb.alloc[0], axis=ax),
+        jnp.max(mb.alloc[1], axis=ax),
+        jnp.min(mb.price[0], axis=ax),
+        jnp.max(mb.price[1], axis=ax),
+    )
+
+
+def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
     @jax.jit
     def bounds(rlo, rhi, delta, active):
         """rlo/rhi [B, n, m]; delta [B, n, K+1] exact offsets; active [n] in {0, 1}."""
-        mb = menu_bounds(model, others_bids(rlo), others_bids(rhi))
-        a_lo = mb.alloc[0]
-        a_hi = mb.alloc[1] + alloc_tol
-        p_lo, p_hi = mb.price[0], mb.price[1]
-        u_hi0 = jnp.einsum("bnm,bnkm->bnk", rhi, a_hi) - p_lo
-        u_lo0 = jnp.einsum("bnm,bnkm->bnk", rlo, a_lo) - p_hi
+        a_lo, a_hi, p_lo, p_hi = split_menu_bounds(
+            model, others_bids(rlo), others_bids(rhi), splits
+        )
+        # slack for float32 rounding, capped at 1 (allocations never exceed it); null stays 0
+        a_hi = jnp.minimum(a_hi + alloc_tol, 1.0).at[..., -1, :].set(0.0)
+        # (inflated boxes can reach below a support starting at 0: take the right corner)
+        v_hi, v_lo = rhi[..., None, :], rlo[..., None, :]
+        u_hi0 = jnp.sum(jnp.maximum(v_hi * a_hi, v_hi * a_lo), -1) - p_lo
+        u_lo0 = jnp.sum(jnp.minimum(v_lo * a_lo, v_lo * a_hi), -1) - p_hi
         u_hi, u_lo = u_hi0 - delta, u_lo0 - delta
         best = jnp.max(u_lo, axis=-1, keepdims=True)
         cand = u_hi >= best - utility_tol
@@ -306,7 +335,12 @@ class _Checker:
         self.n, self.m = model.n_bidders, model.n_items
         self.k1 = model.menu_size + 1
         self.scale = scale
-        self.fn = _bound_fn(model, config.utility_tolerance * scale, config.alloc_tolerance)
+        self.fn = _bound_fn(
+            model,
+            config.utility_tolerance * scale,
+            config.alloc_tolerance,
+            effective_splits(config.bound_splits, model),
+        )
         self.n_checked = 0
 
     def deltas(self, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -343,6 +377,14 @@ class _Checker:
             results.append([np.asarray(x)[:rows] for x in out])
         self.n_checked += len(lo)
         return [np.concatenate(parts) for parts in zip(*results, strict=True)]
+
+
+def effective_splits(splits: int, model: GemNet) -> int:
+    """``splits`` reduced until ``splits ** inputs <= 64`` (``inputs``: coordinates of ``b_-i``)."""
+    inputs = max((model.n_bidders - 1) * model.n_items, 1)
+    while splits > 1 and splits**inputs > 64:
+        splits -= 1
+    return max(splits, 1)
 
 
 def _resolve(lo, size, offsets: list[_Offsets]):
@@ -548,6 +590,7 @@ def repair(
         utility_tolerance=config.utility_tolerance * scale,
         alloc_tolerance=config.alloc_tolerance,
         box_inflation=config.box_inflation,
+        bound_splits=effective_splits(config.bound_splits, model),
         stats=stats,
     )
     return RepairedGemNet(model, cert), cert

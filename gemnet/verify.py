@@ -14,13 +14,28 @@ Checks, each a key of :attr:`VerificationReport.checks`:
   setting and the model; the model is a GemNet of the expected shape for this support.
 - ``params_digest``: the digest of the model's parameters equals the certificate's.
 - ``tolerances``: the certificate's tolerances are finite (the verifier then uses
-  ``max(certificate value, minimum)``, so a certificate cannot switch the slack off).
+  ``max(certificate value, minimum)``, so a certificate cannot switch the slack off) and its
+  ``bound_splits`` is an integer >= 1 with at most :data:`MAX_BOUND_PARTS` parts per box.
 - ``grid``: continuous coordinates have equal cells covering ``[low, high]``; discrete ones one
   cell per support point.
 - ``tiling``: every cell tuple lies in exactly one box (found by recursive splitting, without
   allocating the grid).
 - ``offsets``: keys sorted, unique and in range; values finite, ``>= 0``, null column 0.
 - ``compatibility``: every box's candidate sets are compatible (see the certificate module).
+
+Exact rule per box (``tol_u``, ``tol_a``, ``inflation``: the effective tolerances): every
+continuous coordinate's range is widened by ``inflation`` times its cell width per side, for the
+network's input ``b_-i`` and for the bidder's own values alike; discrete coordinates are points.
+Menu bounds over a box are the union of the interval bounds over ``bound_splits`` equal parts of
+each coordinate of its (inflated) ``b_-i`` range. For each learned element ``k`` of bidder ``i``,
+with ``a_top = min(a_hi + tol_a, 1)``, ``u_hi = max <v, a> - p_lo - off_lo`` and
+``u_lo = min <v, a> - p_hi - off_hi`` over ``v`` in the own range and ``a`` in
+``[a_lo, a_top]``; the null element's utility is exactly ``-offset`` (its allocation is exactly
+0). ``L = max u_lo`` over all ``K + 1`` elements; candidates are the elements with
+``u_hi >= L - tol_u``; bidder ``i`` uses ``max_{k in candidates} a_top[k, j]`` of item ``j``
+(0 for the null element), and the box is certified iff the uses sum to at most 1 for every
+item. The offset range over a box is the min/max over the cells of ``b_-i`` it covers, with 0
+included when a covered cell has no key.
 
 Rounding: the network is evaluated in float64 from its float32 weights, and every interval is
 widened by a bound on float64 rounding, so the float64 bounds contain the real-arithmetic ones.
@@ -42,6 +57,7 @@ from gemnet.certificate import Certificate, params_digest
 from gemnet.model import GemNet
 
 __all__ = [
+    "MAX_BOUND_PARTS",
     "MIN_ALLOC_TOLERANCE",
     "MIN_BOX_INFLATION",
     "MIN_UTILITY_TOLERANCE",
@@ -67,6 +83,10 @@ _GRID_RTOL = 1e-9
 _DENSE_OFFSET_ENTRIES = 2**24
 # Candidate (projection, key) pairs examined at once when looking up offset ranges.
 _OFFSET_PAIRS = 2**21
+# Rows (projections x parts) of one interval-propagation call when bounds are split.
+_IBP_ROWS = 8192
+# Largest number of parts (bound_splits ** inputs) the verifier evaluates per projection.
+MAX_BOUND_PARTS = 4096
 # Entries of the [rows, K, width, width] array of the softmax bounds per block.
 _SOFTMAX_ENTRIES = 2**22
 
@@ -224,6 +244,46 @@ class _MenuBounds:
         self.price_scale = float(np.max(np.sum(high, axis=1)))
         self.shift = [low.ravel()[_others(n, m, i)] for i in range(n)]
         self.span = [(high - low).ravel()[_others(n, m, i)] for i in range(n)]
+
+    def split_bounds(
+        self, bidder: int, others_lo: np.ndarray, others_hi: np.ndarray, splits: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`bounds` as the union over ``splits`` equal parts of every input coordinate.
+
+        Parts share their computed edges (``edge[0] = lo``, ``edge[splits] = hi``), so they cover
+        the box exactly; interval bounds are inclusion-monotone, so the union is at least as
+        tight as one box's bounds.
+        """
+        rows, dims = others_lo.shape
+        if splits <= 1 or self.n == 1 or rows == 0:
+            return self.bounds(bidder, others_lo, others_hi)
+        frac = np.arange(splits + 1) / splits
+        edges = others_lo[:, :, None] + (others_hi - others_lo)[:, :, None] * frac  # [rows, d, s+1]
+        edges[:, :, 0], edges[:, :, -1] = others_lo, others_hi
+        parts = np.array(list(np.ndindex(*(splits,) * dims)), np.int64)  # [S, d]
+        n_parts = len(parts)
+        out = None
+        block = max(1, _IBP_ROWS // n_parts)
+        for s in range(0, rows, block):
+            e = edges[s : s + block]
+            sub_lo = np.take_along_axis(e[:, None, :, :], parts[None, :, :, None], axis=3)[..., 0]
+            sub_hi = np.take_along_axis(e[:, None, :, :], parts[None, :, :, None] + 1, axis=3)[
+                ..., 0
+            ]
+            got = self.bounds(bidder, sub_lo.reshape(-1, dims), sub_hi.reshape(-1, dims))
+            got = [g.reshape(len(e), n_parts, *g.shape[1:]) for g in got]
+            merged = (
+                got[0].min(axis=1),
+                got[1].max(axis=1),
+                got[2].min(axis=1),
+                got[3].max(axis=1),
+            )
+            if out is None:
+                out = tuple(np.empty((rows, *x.shape[1:])) for x in merged)
+            for dst, src in zip(out, merged, strict=True):
+                dst[s : s + block] = src
+        assert out is not None
+        return out[0], out[1], out[2], out[3]
 
     def bounds(
         self, bidder: int, others_lo: np.ndarray, others_hi: np.ndarray
@@ -391,7 +451,9 @@ def _fmt_cells(lo: np.ndarray, hi: np.ndarray) -> str:
 def _boxes_outside(box_lo: np.ndarray, box_size: np.ndarray, cells: list[int], limit: int):
     """Messages for boxes that are empty or reach outside the grid."""
     grid = np.asarray(cells, np.int64)
-    bad = np.any((box_lo < 0) | (box_size < 1) | (box_lo + box_size > grid[None, :]), axis=1)
+    # Compare lo and size with the grid first, so that lo + size cannot overflow.
+    bad = np.any((box_lo < 0) | (box_size < 1) | (box_lo >= grid) | (box_size > grid), axis=1)
+    bad |= np.any(box_lo + np.minimum(box_size, grid) > grid, axis=1)
     rows = np.flatnonzero(bad)
     out = [
         f"box {b}: cells lo={box_lo[b].tolist()} size={box_size[b].tolist()} is empty or "
@@ -713,6 +775,23 @@ def _effective(value: float, floor: float, name: str, fail: _Failures) -> float:
     return max(value, floor)
 
 
+def _bound_splits(value: object, n: int, m: int, fail: _Failures) -> int:
+    """The certificate's ``bound_splits`` (any count is sound; more is tighter and slower)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or int(value) < 1:
+        fail.add("tolerances", f"bound_splits = {value!r} is not an integer >= 1")
+        return 1
+    splits, inputs = int(value), (n - 1) * m
+    if inputs and splits**inputs > MAX_BOUND_PARTS:
+        fail.add(
+            "tolerances",
+            f"bound_splits = {splits} gives {splits}^{inputs} parts per box, over the verifier's "
+            f"limit of {MAX_BOUND_PARTS}",
+        )
+        while splits > 1 and splits**inputs > MAX_BOUND_PARTS:
+            splits -= 1
+    return splits
+
+
 # --------------------------------------------------------------------------------------------------
 # Compatibility of every box.
 
@@ -755,8 +834,10 @@ class _Compatibility:
         utility_tolerance: float,
         alloc_tolerance: float,
         box_inflation: float,
+        bound_splits: int,
     ):
         self.n, self.m, self.k = setting.n_bidders, setting.n_items, int(model.menu_size)
+        self.bound_splits = bound_splits
         self.net = _MenuBounds(model, setting)
         self.utility_tolerance, self.alloc_tolerance = utility_tolerance, alloc_tolerance
         support = _support(setting)
@@ -807,7 +888,7 @@ class _Compatibility:
             inverse = inverse.reshape(-1)
             p_lo, p_size = uniq[:, : len(dims)], uniq[:, len(dims) :]
         x_lo, x_hi = self.extent(p_lo, p_size, dims)
-        a_lo, a_hi, pr_lo, pr_hi = self.net.bounds(bidder, x_lo, x_hi)
+        a_lo, a_hi, pr_lo, pr_hi = self.net.split_bounds(bidder, x_lo, x_hi, self.bound_splits)
         o_lo, o_hi = self.tables[bidder].ranges(p_lo, p_size)
         return inverse, a_lo, a_hi, pr_lo, pr_hi, o_lo, o_hi
 
@@ -817,7 +898,8 @@ class _Compatibility:
         """Bidder ``bidder``'s candidate sets and their largest allocations over boxes."""
         inv, a_lo, a_hi, pr_lo, pr_hi, o_lo, o_hi = self._bidder_bounds(bidder, lo, size)
         k, tol_a = self.k, self.alloc_tolerance
-        a_top = a_hi + tol_a  # [U, K, m]
+        # Allocations never exceed 1 (sigmoid, softmax; also in float32), so the slack stops there.
+        a_top = np.minimum(a_hi + tol_a, 1.0)  # [U, K, m]
         boxes = len(lo)
         # Utility bounds: sum_j v_j a_j over v in [v_lo, v_hi], a in [a_lo, a_top] (a >= 0).
         gain_hi, gain_lo = np.zeros((boxes, k)), np.zeros((boxes, k))
@@ -841,48 +923,53 @@ class _Compatibility:
         if len(rows):
             seg = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
             use[rows[seg]] = np.maximum.reduceat(a_top[inv[rows], elems], seg, axis=0)
-        use = np.maximum(use, np.where(cand_null, tol_a, -np.inf)[:, None])
+        use = np.maximum(use, np.where(cand_null, 0.0, -np.inf)[:, None])
         return _Usage(use, cand, cand_null, inv, a_top)
 
     def run(self, box_lo: np.ndarray, box_size: np.ndarray, chunk: int, fail: _Failures) -> int:
+        """Check every box; returns the number of uncertified boxes.
+
+        One pass per bidder, with the boxes sorted by that bidder's projection, so that each
+        distinct projection of ``b_-i`` is bounded about once; the passes only keep each box's
+        per-item use, and failing boxes are re-evaluated alone for the report.
+        """
         n, m = self.n, self.m
         n_box = len(box_lo)
-        if n > 1:  # group boxes with equal projections for bidder 0, to share its bounds
-            d0 = self.others[0]
-            cols = np.concatenate([box_lo[:, d0], box_size[:, d0]], axis=1)
-            order = np.lexsort(cols.T[::-1])
-        else:
-            order = np.arange(n_box)
+        use = np.zeros((n, n_box, m))
+        for i in range(n):
+            dims, own = self.others[i], list(range(i * m, (i + 1) * m))
+            if dims:
+                cols = np.concatenate([box_lo[:, dims], box_size[:, dims]], axis=1)
+                order = np.lexsort(cols.T[::-1])
+            else:
+                order = np.arange(n_box)
+            for s in range(0, n_box, chunk):
+                rows = order[s : s + chunk]
+                lo, size = box_lo[rows], box_size[rows]
+                v_lo, v_hi = self.extent(lo[:, own], size[:, own], own)
+                use[i, rows] = self.usage(i, lo, size, v_lo, v_hi).use
+        total = use.sum(axis=0)  # [boxes, m]
+        bad = np.flatnonzero(np.any(total > 1.0, axis=1))
         all_dims = list(range(n * m))
-        n_bad = 0
-        for s in range(0, n_box, chunk):
-            rows = order[s : s + chunk]
-            lo, size = box_lo[rows], box_size[rows]
+        for r in bad.tolist():
+            if len(fail.messages) >= fail.limit:
+                fail.add("compatibility", "")
+                continue
+            lo, size = box_lo[r : r + 1], box_size[r : r + 1]
             v_lo, v_hi = self.extent(lo, size, all_dims)
-            usages = []
+            j = int(np.argmax(total[r]))
+            parts = []
             for i in range(n):
                 own = slice(i * m, (i + 1) * m)
-                usages.append(self.usage(i, lo, size, v_lo[:, own], v_hi[:, own]))
-            total = np.sum([u.use for u in usages], axis=0)  # [boxes, m]
-            bad = np.any(total > 1.0, axis=1)
-            if not bad.any():
-                continue
-            n_bad += int(bad.sum())
-            for r in np.flatnonzero(bad):
-                if len(fail.messages) >= fail.limit:
-                    fail.add("compatibility", "")
-                    continue
-                j = int(np.argmax(total[r]))
-                parts = ", ".join(
-                    f"bidder {i}: {usages[i].describe(r, j, self.k)}" for i in range(n)
-                )
-                fail.add(
-                    "compatibility",
-                    f"box {rows[r]} (cells lo={lo[r].tolist()} size={size[r].tolist()}; values "
-                    f"[{np.round(v_lo[r], 6).tolist()}, {np.round(v_hi[r], 6).tolist()}]) is not "
-                    f"certified: item {j} total {total[r, j]:.6g} > 1 ({parts})",
-                )
-        return n_bad
+                usage = self.usage(i, lo, size, v_lo[:, own], v_hi[:, own])
+                parts.append(f"bidder {i}: {usage.describe(0, j, self.k)}")
+            fail.add(
+                "compatibility",
+                f"box {r} (cells lo={lo[0].tolist()} size={size[0].tolist()}; values "
+                f"[{np.round(v_lo[0], 6).tolist()}, {np.round(v_hi[0], 6).tolist()}]) is not "
+                f"certified: item {j} total {total[r, j]:.6g} > 1 ({', '.join(parts)})",
+            )
+        return len(bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -976,7 +1063,7 @@ def verify_certificate(
 
     ran.add("tolerances")
     n, m = setting.n_bidders, setting.n_items
-    scale = float(np.max(np.sum(np.asarray(setting.high, np.float64).reshape(n, m), axis=1)))
+    scale = float(np.max(np.sum(np.asarray(setting.high, np.float64), axis=1)))
     utility_tolerance = _effective(
         certificate.utility_tolerance, MIN_UTILITY_TOLERANCE * scale, "utility_tolerance", fail
     )
@@ -984,8 +1071,10 @@ def verify_certificate(
         certificate.alloc_tolerance, MIN_ALLOC_TOLERANCE, "alloc_tolerance", fail
     )
     box_inflation = _effective(certificate.box_inflation, MIN_BOX_INFLATION, "box_inflation", fail)
+    bound_splits = _bound_splits(getattr(certificate, "bound_splits", 1), n, m, fail)
     if not structure_ok:
-        fail.add("compatibility", "not checked: the model does not match the setting")
+        for name in ("grid", "tiling", "offsets", "compatibility"):
+            fail.add(name, "not checked: the model does not match the setting")
         return finish()
     k1 = int(model.menu_size) + 1
 
@@ -1027,6 +1116,7 @@ def verify_certificate(
         utility_tolerance=utility_tolerance,
         alloc_tolerance=alloc_tolerance,
         box_inflation=box_inflation,
+        bound_splits=bound_splits,
     )
     n_uncertified = checker.run(box_lo, box_size, chunk, fail)
     return finish()

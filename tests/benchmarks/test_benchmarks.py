@@ -48,6 +48,33 @@ def test_revenue_quick_smoke_run(tmp_path):
     assert all(r["command"].startswith("python -m benchmarks") for r in records)
 
 
+def test_gemnet_quick_smoke_run(tmp_path):
+    out = tmp_path / "gemnet"
+    code = main(
+        [
+            "gemnet",
+            "--quick",
+            "--settings",
+            "additive_1x2_uniform",
+            "additive_2x2_uniform",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    records = _records(out / "gemnet.json")
+    by = {(r["setting"], r["mechanism"], r["metric"]): r for r in records}
+    assert by[("additive_1x2_uniform", "rochetnet", "over_allocation_rate")]["value"] == 0.0
+    assert by[("additive_2x2_uniform", "gemnet_repaired", "certified")]["value"] == 1.0
+    assert by[("additive_2x2_uniform", "gemnet_repaired", "over_allocation_rate")]["value"] == 0.0
+    adversarial = by[("additive_2x2_uniform", "gemnet_repaired", "adversarial_over_allocation")]
+    assert adversarial["value"] <= 1e-6
+    assert by[("additive_2x2_uniform", "gemnet_repaired", "regret_max")]["value"] <= 1e-5
+    assert ("additive_2x2_uniform", "gemnet_unrepaired", "revenue") in by
+    assert (out / "menu_additive_2x2_uniform_after_repair.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "gemnet_additive_2x2_uniform" / "certificate").is_dir()
+
+
 def test_unknown_setting_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown setting"):
         main(["revenue", "--quick", "--settings", "additive_2x2_unifrm", "--out", str(tmp_path)])
@@ -55,7 +82,7 @@ def test_unknown_setting_fails_before_any_work(tmp_path):
 
 def test_unknown_suite_prints_usage(capsys):
     assert main(["nope"]) == 2
-    assert "suites: revenue, speed, readme, merge" in capsys.readouterr().err
+    assert "suites: revenue, speed, readme, merge, gemnet" in capsys.readouterr().err
 
 
 def test_speed_quick_smoke_run(tmp_path):

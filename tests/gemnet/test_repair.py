@@ -139,6 +139,9 @@ def test_discrete_setting_is_repaired_on_its_support():
     model, _ = train_gemnet(setting, config, TrainConfig(steps=100, progress=False))
     repaired, cert = repair(model, setting, FAST)
     assert cert.n_boxes == 16 and np.all(cert.box_size == 1)
+    from gemnet import verify_certificate
+
+    assert verify_certificate(model, setting, cert).ok
     profiles = np.array(np.meshgrid(*[[3.0, 7.0]] * 4, indexing="ij")).reshape(4, -1).T
     out = repaired(jnp.asarray(profiles.reshape(16, 2, 2), jnp.float32))
     assert float(jnp.max(jnp.sum(out.alloc, axis=-2))) <= 1.0 + 1e-6

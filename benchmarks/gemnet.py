@@ -1,0 +1,315 @@
+"""GemNet suite: train (or load) GemNet/RochetNet, repair, verify, and measure.
+
+``python -m benchmarks gemnet --settings additive_1x2_uniform additive_2x2_uniform``
+
+Per setting: training (or the committed checkpoint with ``--pretrained``), for several bidders
+the repair (boxes, MILPs, time) and an independent verification of its certificate, then revenue
++- SE and the over-allocation rate on ``--n-samples`` profiles, an adversarial over-allocation
+search, and regret under the shared search. Writes ``gemnet.json`` (records), ``gemnet.md`` and
+plots of a bidder's menu over its own values for a fixed ``b_-i``, before and after repair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import TABLE_METRICS, make_record, markdown_table, write_json
+from diffecon import TrainConfig, evaluate, get_setting
+from diffecon.plotting import plot_allocation_map, save_figure
+from diffecon.regret import RegretConfig, regret_search, regret_stats
+from gemnet import (
+    GemNetConfig,
+    GemNetTrainConfig,
+    RepairConfig,
+    adversarial_over_allocation,
+    load_certificate,
+    load_gemnet,
+    repair,
+    save_certificate,
+    save_gemnet,
+    train_gemnet,
+)
+from gemnet.repair import RepairedGemNet
+from gemnet.verify import verify_certificate
+
+SUITE = "gemnet"
+
+# Per-setting training recipes (steps, menu size, batch); others use the default.
+RECIPES: dict[str, tuple[int, GemNetTrainConfig]] = {
+    "additive_1x2_uniform": (
+        4000,
+        GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192),
+    ),
+    "unit_1x2_uniform": (
+        4000,
+        GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192),
+    ),
+    "unit_1x2_uniform_23": (
+        4000,
+        GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192),
+    ),
+    "additive_1x2_uniform_416_47": (
+        4000,
+        GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192),
+    ),
+    "additive_2x2_uniform": (
+        10_000,
+        GemNetTrainConfig(network=GemNetConfig(menu_size=128), batch_size=4096),
+    ),
+    "yao_2x2_discrete_37": (
+        3000,
+        GemNetTrainConfig(network=GemNetConfig(menu_size=32), batch_size=2048),
+    ),
+}
+METRICS = TABLE_METRICS[SUITE]
+
+
+@dataclasses.dataclass(frozen=True)
+class GemNetBenchConfig:
+    """Options of the GemNet suite.
+
+    Attributes:
+      settings: settings to run (their recipes are in ``benchmarks/gemnet.py``).
+      pretrained: load committed checkpoints and certificates instead of training and repairing.
+      n_samples: profiles for revenue and the over-allocation rate.
+      regret_profiles: profiles searched for regret.
+      adversarial_starts: starts of the adversarial over-allocation search.
+      max_level: the repair's finest grid (``2^max_level`` cells per coordinate).
+      workers: MILP processes (0: one per CPU).
+      quick: a smoke run (tiny networks and training, small samples; checkpoints under ``out``).
+      seed: seeds training and evaluation.
+      out: output folder.
+      checkpoints_dir: committed checkpoints and certificates.
+      runs_dir: resumable training runs.
+    """
+
+    settings: tuple[str, ...] = ("additive_1x2_uniform", "unit_1x2_uniform")
+    pretrained: bool = False
+    n_samples: int = 1_000_000
+    regret_profiles: int = 200
+    adversarial_starts: int = 4096
+    max_level: int = 5
+    workers: int = 0
+    quick: bool = False
+    seed: int = 0
+    out: str = "out/gemnet"
+    checkpoints_dir: str = "benchmarks/results/checkpoints"
+    runs_dir: str = "runs"
+
+
+QUICK_RECIPE = (
+    200,
+    GemNetTrainConfig(network=GemNetConfig(menu_size=16, hidden=32), batch_size=512),
+)
+
+
+def _quick(config: GemNetBenchConfig) -> GemNetBenchConfig:
+    out = Path(config.out)
+    return dataclasses.replace(
+        config,
+        n_samples=20_000,
+        regret_profiles=10,
+        adversarial_starts=64,
+        max_level=3,
+        workers=1,
+        checkpoints_dir=str(out / "checkpoints"),
+        runs_dir=str(out / "runs"),
+    )
+
+
+def _checkpoint_dir(name: str, config: GemNetBenchConfig) -> Path:
+    return Path(config.checkpoints_dir) / f"gemnet_{name}"
+
+
+def _model(name: str, config: GemNetBenchConfig):
+    setting = get_setting(name)
+    ckpt = _checkpoint_dir(name, config)
+    if config.pretrained:
+        model, _, meta = load_gemnet(ckpt, setting)
+        return setting, model, float(meta.get("train_wall_s", float("nan")))
+    steps, recipe = (
+        QUICK_RECIPE if config.quick else RECIPES.get(name, (10_000, GemNetTrainConfig()))
+    )
+    model, result = train_gemnet(
+        setting,
+        recipe,
+        TrainConfig(
+            steps=steps,
+            seed=config.seed,
+            log_every=max(steps // 50, 1),
+            checkpoint_every=1000,
+            checkpoint_dir=str(Path(config.runs_dir) / f"gemnet_{name}"),
+            run_name=f"gemnet {name}",
+            progress=not config.quick,
+        ),
+    )
+    wall = result.history[-1]["wall_s"] if result.history else result.wall_s
+    save_gemnet(
+        model,
+        ckpt,
+        setting=setting,
+        config=recipe,
+        step=steps,
+        extra_meta={"train_wall_s": wall, "history": result.history},
+    )
+    return setting, model, wall
+
+
+def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
+    """Run the suite; returns the records it wrote."""
+    if config.quick:
+        config = _quick(config)
+    for name in config.settings:
+        get_setting(name)  # unknown names fail before any work
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    for name in config.settings:
+        t0 = time.perf_counter()
+        setting, model, train_wall = _model(name, config)
+        mechanism: Any = model
+        extra: dict[str, Any] = {}
+        label = "rochetnet" if setting.n_bidders == 1 else "gemnet"
+        rec = dict(suite=SUITE, setting=name, seed=config.seed)
+        if setting.n_bidders > 1:
+            cert_dir = _checkpoint_dir(name, config) / "certificate"
+            if config.pretrained:
+                cert = load_certificate(cert_dir)
+            else:
+                _, cert = repair(
+                    model,
+                    setting,
+                    RepairConfig(
+                        max_level=config.max_level, workers=config.workers, progress=False
+                    ),
+                )
+                save_certificate(cert, cert_dir)
+            mechanism = RepairedGemNet(model, cert)
+            report = verify_certificate(model, setting, cert)
+            label = "gemnet_repaired"
+            extra = {"repair": cert.stats, "verified": report.ok}
+            records.append(
+                make_record(
+                    **rec,
+                    mechanism=label,
+                    metric="certified",
+                    value=float(report.ok),
+                    wall_s=report.wall_s,
+                    **extra,
+                )
+            )
+            records.append(
+                make_record(
+                    **rec,
+                    mechanism=label,
+                    metric="repair_wall_s",
+                    value=cert.stats.get("wall_s", float("nan")),
+                    wall_s=cert.stats.get("wall_s", 0.0),
+                    n_boxes=cert.n_boxes,
+                    milps=cert.stats.get("milps"),
+                )
+            )
+            # the unrepaired network, for comparison
+            base = evaluate(model, setting, key=jax.random.key(config.seed), n_samples=200_000)
+            for metric in ("revenue", "over_allocation_rate"):
+                records.append(
+                    make_record(
+                        **rec,
+                        mechanism="gemnet_unrepaired",
+                        metric=metric,
+                        value=base[metric].value,
+                        stderr=base[metric].stderr,
+                        n_samples=base[metric].n_samples,
+                        wall_s=0.0,
+                    )
+                )
+            if setting.value_dim == 2 and setting.bounded:
+                for tag, mech in (("before", model), ("after", mechanism)):
+                    save_figure(
+                        plot_allocation_map(
+                            mech, setting, title=f"GemNet {name}, bidder 0, {tag} repair"
+                        ),
+                        str(out / f"menu_{name}_{tag}_repair.png"),
+                    )
+        records.append(
+            make_record(
+                **rec,
+                mechanism=label,
+                metric="train_wall_s",
+                value=train_wall,
+                wall_s=train_wall,
+                pretrained=config.pretrained,
+            )
+        )
+        est = evaluate(
+            mechanism, setting, key=jax.random.key(config.seed + 1), n_samples=config.n_samples
+        )
+        for metric in ("revenue", "over_allocation_rate", "ir_violation"):
+            records.append(
+                make_record(
+                    **rec,
+                    mechanism=label,
+                    metric=metric,
+                    value=est[metric].value,
+                    stderr=est[metric].stderr,
+                    n_samples=est[metric].n_samples,
+                    wall_s=time.perf_counter() - t0,
+                )
+            )
+        adv = adversarial_over_allocation(
+            mechanism,
+            setting,
+            key=jax.random.key(config.seed + 2),
+            n_starts=config.adversarial_starts,
+            steps=30 if config.quick else 200,
+        )
+        records.append(
+            make_record(
+                **rec,
+                mechanism=label,
+                metric="adversarial_over_allocation",
+                value=adv.max_over_allocation,
+                n_samples=adv.n_starts,
+                wall_s=time.perf_counter() - t0,
+                worst_profile=np.asarray(adv.worst_profile).tolist(),
+            )
+        )
+        profiles = setting.sample(jax.random.key(config.seed + 3), (config.regret_profiles,))
+        res = regret_search(
+            mechanism,
+            jnp.asarray(profiles),
+            key=jax.random.key(config.seed + 4),
+            setting=setting,
+            config=RegretConfig.quick() if config.quick else RegretConfig(),
+            progress=not config.quick,
+        )
+        stats = regret_stats(res)
+        value, se = stats["regret_max"]
+        records.append(
+            make_record(
+                **rec,
+                mechanism=label,
+                metric="regret_max",
+                value=value,
+                stderr=se,
+                n_samples=config.regret_profiles,
+                wall_s=time.perf_counter() - t0,
+            )
+        )
+        ref = setting.reference("optimal")
+        print(
+            f"[gemnet] {name}: {label} revenue {est['revenue']}"
+            + (f" (optimal {ref.value:.6g})" if ref else "")
+            + f", over-allocation {est['over_allocation_rate']}, adversarial "
+            f"{adv.max_over_allocation:.3g}, regret_max {value:.3g}"
+        )
+        write_json(records, out / "gemnet.json")
+    (out / "gemnet.md").write_text(markdown_table(records, metrics=METRICS) + "\n")
+    return records
