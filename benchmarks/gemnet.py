@@ -143,7 +143,7 @@ def _model(name: str, config: GemNetBenchConfig):
         TrainConfig(
             steps=steps,
             seed=config.seed,
-            log_every=max(steps // 50, 1),
+            log_every=max(steps // 500, 1) * 10,
             checkpoint_every=1000,
             checkpoint_dir=str(Path(config.runs_dir) / f"gemnet_{name}"),
             run_name=f"gemnet {name}",
