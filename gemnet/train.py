@@ -62,10 +62,6 @@ class GemNetTrainConfig:
       rho: quadratic penalty weight (also the multiplier's step size).
       lagrange_every: steps between multiplier updates.
       margin: over-allocation is penalised from ``1 - margin`` on.
-      penalty_kappa: if > 0, the incompatibility is measured with a soft choice at this fixed
-        (low) inverse temperature instead of the annealed one: near-ties then count, so the
-        trained menus keep a utility gap between colliding choices, which the repair's interval
-        bounds need in order to certify boxes without raising prices.
     """
 
     network: GemNetConfig = dataclasses.field(default_factory=GemNetConfig)
@@ -79,7 +75,6 @@ class GemNetTrainConfig:
     rho: float = 10.0
     lagrange_every: int = 50
     margin: float = 0.0
-    penalty_kappa: float = 0.0
 
 
 @struct.dataclass
@@ -152,8 +147,6 @@ def gemnet_step_fn(
             model = nnx.merge(graphdef, params)
             soft = model.soft_outcome(values, kappa=kappa / scale)
             revenue = jnp.mean(soft.revenue)
-            if config.penalty_kappa > 0:
-                soft = model.soft_outcome(values, kappa=config.penalty_kappa / scale)
             penalty = jnp.mean(incompatibility(soft.alloc, margin=config.margin))
             loss = -revenue + state.lagrange * penalty + 0.5 * config.rho * penalty**2
             return loss, (revenue, penalty)
