@@ -177,7 +177,7 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
         mechanism: Any = model
         extra: dict[str, Any] = {}
         label = "rochetnet" if setting.n_bidders == 1 else "gemnet"
-        rec = dict(suite=SUITE, setting=name, seed=config.seed)
+        rec: dict[str, Any] = {"suite": SUITE, "setting": name, "seed": config.seed}
         if setting.n_bidders > 1:
             cert_dir = _checkpoint_dir(name, config) / "certificate"
             if config.pretrained:

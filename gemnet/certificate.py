@@ -125,7 +125,7 @@ def save_certificate(certificate: Certificate, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     c = certificate
-    arrays: dict[str, np.ndarray] = {"box_lo": c.box_lo, "box_size": c.box_size}
+    arrays: dict[str, Any] = {"box_lo": c.box_lo, "box_size": c.box_size}
     for d in range(len(c.cell_lo)):
         arrays[f"cell_lo_{d}"] = np.asarray(c.cell_lo[d], np.float64)
         arrays[f"cell_hi_{d}"] = np.asarray(c.cell_hi[d], np.float64)

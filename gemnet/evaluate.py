@@ -11,6 +11,7 @@ make it a search, not a proof; the certificate is the proof.
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,7 @@ def adversarial_over_allocation(
             kappa = kappa_init * jnp.exp(ratio * t / max(steps - 1, 1))
             grad = jax.grad(surrogate)(x, kappa)
             updates, state = opt.update(-grad, state, x)
-            x = jnp.clip(optax.apply_updates(x, updates), 0.0, 1.0)
+            x = jnp.clip(cast(jax.Array, optax.apply_updates(x, updates)), 0.0, 1.0)
             score = hard(setting.low + x * width)
             better = score > best
             best_x = jnp.where(better[:, None, None], x, best_x)

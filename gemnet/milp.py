@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Any
 
 import numpy as np
 from ortools.linear_solver import pywraplp
@@ -82,7 +83,7 @@ def _solve_with_floor(p: CellProblem, slack: float):
     solver.SetTimeLimit(int(p.time_limit_s * 1000))
     delta: dict[int, pywraplp.Variable] = {}
 
-    def var(k: int):
+    def var(k: int) -> Any:
         if k == null:
             return 0.0
         if k not in delta:
@@ -109,7 +110,7 @@ def _solve_with_floor(p: CellProblem, slack: float):
                     float(p.u_hi[b, k]) - var(int(k))
                     <= float(p.u_lo[b, d]) - var(d) - p.eps + big_m * (1 - y)
                 )
-    solver.Minimize(sum(delta.values()) if delta else 0.0)
+    solver.Minimize(solver.Sum(list(delta.values())) if delta else 0.0)
     status = solver.Solve()
     names = {
         pywraplp.Solver.OPTIMAL: "OPTIMAL",
