@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import TABLE_METRICS, make_record, markdown_table, write_json
-from diffecon import TrainConfig, evaluate, get_setting
+from diffecon import OptimalLP, TrainConfig, evaluate, get_setting, optimal_dsic_lp
 from diffecon.plotting import plot_allocation_map, save_figure
 from diffecon.regret import RegretConfig, regret_search, regret_stats
 from gemnet import (
@@ -122,6 +122,20 @@ def _quick(config: GemNetBenchConfig) -> GemNetBenchConfig:
         checkpoints_dir=str(out / "checkpoints"),
         runs_dir=str(out / "runs"),
     )
+
+
+def _optimal_lp(setting) -> OptimalLP | None:
+    """The exact optimal DSIC auction of a small discrete setting (``None`` for the others)."""
+    try:
+        return optimal_dsic_lp(setting)
+    except ValueError:
+        return None
+
+
+def _exact_revenue(mechanism, lp: OptimalLP) -> float:
+    """Expected revenue by enumerating the support (no sampling error)."""
+    pay = mechanism(jnp.asarray(lp.profiles, jnp.float32)).pay
+    return float(np.sum(lp.probs * np.asarray(pay, np.float64).sum(-1)))
 
 
 def _checkpoint_dir(name: str, config: GemNetBenchConfig) -> Path:
@@ -303,6 +317,24 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
                 wall_s=time.perf_counter() - t0,
             )
         )
+        lp = _optimal_lp(setting) if setting.n_bidders > 1 else None
+        if lp is not None:
+            for tag, mech in (("gemnet_unrepaired", model), (label, mechanism)):
+                records.append(
+                    make_record(
+                        **rec,
+                        mechanism=tag,
+                        metric="exact_revenue",
+                        value=_exact_revenue(mech, lp),
+                        n_samples=len(lp.probs),
+                        wall_s=time.perf_counter() - t0,
+                        optimal_lp_revenue=lp.revenue,
+                    )
+                )
+            print(
+                f"[gemnet] {name}: exact revenue {records[-1]['value']:.6f} over the "
+                f"{len(lp.probs)} profiles; optimal DSIC auction (LP) {lp.revenue:.6f}"
+            )
         ref = setting.reference("optimal")
         print(
             f"[gemnet] {name}: {label} revenue {est['revenue']}"

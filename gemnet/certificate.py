@@ -12,7 +12,8 @@ cell tuple lies in exactly one box.
 
 **Offsets** raise bidder ``i``'s menu prices as a function of ``b_-i`` alone: for bidder ``i``,
 ``offset_keys[i]`` (``[C_i]``, sorted, int64) name cells of the grid of ``b_-i``, and
-``offset_values[i]`` (``[C_i, K + 1]``, float64, ``>= 0``, last column 0 for the null element) the
+``offset_values[i]`` (``[C_i, K + 1]``, float64, ``>= 0`` unless every coordinate is discrete,
+last column 0 for the null element) the
 amounts added to the ``K + 1`` prices while ``b_-i`` lies in that cell (0 elsewhere). The key of
 the cell with per-coordinate indices ``q`` over the other bidders' coordinates (bidders in order,
 skipping ``i``; items in order) is ``sum_t q[t] * stride[t]`` with ``stride[t] = prod_{u > t}

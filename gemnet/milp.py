@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from ortools.linear_solver import pywraplp
 
-__all__ = ["CellProblem", "CellSolution", "solve_cell"]
+__all__ = ["CellProblem", "CellSolution", "discrete_revenue_milp", "solve_cell", "tighten_prices"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,3 +138,276 @@ def solve_cell(problem: CellProblem) -> CellSolution:
                 problem.cell, offsets, status, slack, n_bin, time.perf_counter() - t0
             )
     return CellSolution(problem.cell, None, status, slack, n_bin, time.perf_counter() - t0)
+
+
+def tighten_prices(
+    utilities: np.ndarray, probs: np.ndarray, *, margin: float, limit: float
+) -> np.ndarray | None:
+    """Largest revenue price rises that keep every type's choice, for a finite set of types.
+
+    Within one cell of ``b_-i`` of a discrete setting, bidder ``i``'s types ``v`` (its support
+    points) face one fixed menu. Each type keeps its current choice ``c(v)`` (the ``argmax`` of
+    ``utilities``) if the rises ``r >= 0`` satisfy ``u_c - r_c >= u_l - r_l + margin`` for every
+    other element ``l`` (the null element, last, never rises). The linear program maximises the
+    expected extra payment ``sum_v probs[v] * r_c(v)`` (GLOP).
+
+    Args:
+      utilities: ``[types, K + 1]`` utilities of each element before the rises.
+      probs: ``[types]`` probability of each type (any positive weights).
+      margin: the strict utility margin every choice keeps over every other element.
+      limit: upper bound of a rise (for elements nobody chooses).
+
+    Returns:
+      ``[K + 1]`` rises (0 for the null element), or ``None`` when some type's choice is within
+      ``margin`` of the null element or of another element that cannot be raised away.
+    """
+    n_types, k1 = utilities.shape
+    null = k1 - 1
+    choice = np.argmax(utilities, axis=1)
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    if solver is None:  # pragma: no cover - depends on the OR-Tools build
+        raise RuntimeError("OR-Tools was built without GLOP")
+    rise = [solver.NumVar(0.0, limit, f"r_{k}") for k in range(null)] + [0.0]
+    for v in range(n_types):
+        c = int(choice[v])
+        for k in range(k1):
+            if k != c:
+                gap = float(utilities[v, c] - utilities[v, k])
+                solver.Add(rise[c] - rise[k] <= gap - margin)
+    solver.Maximize(
+        sum(float(probs[v]) * rise[int(choice[v])] for v in range(n_types) if choice[v] != null)
+    )
+    if solver.Solve() != pywraplp.Solver.OPTIMAL:
+        return None
+    out = np.zeros(k1)
+    for k in range(null):
+        out[k] = max(rise[k].solution_value(), 0.0)
+    return out
+
+
+def _distinct_allocations(alloc: np.ndarray, prices: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """``[bidders, cells, K + 1]``: the cheapest element of each group of (near-)equal allocations.
+
+    When prices may be re-set freely, elements with the same allocation are interchangeable; the
+    others are priced out, which removes the MILP's symmetric copies.
+    """
+    keep = np.zeros(prices.shape, bool)
+    for i, c in np.ndindex(*prices.shape[:2]):
+        kept: list[np.ndarray] = []
+        for k in np.argsort(prices[i, c], kind="stable"):
+            a = alloc[i, c, k]
+            if all(np.max(np.abs(a - b)) > tol for b in kept):
+                kept.append(a)
+                keep[i, c, k] = True
+    return keep
+
+
+def discrete_revenue_milp(
+    utilities: np.ndarray,
+    prices: np.ndarray,
+    alloc_hi: np.ndarray,
+    cell_of: np.ndarray,
+    type_of: np.ndarray,
+    probs: np.ndarray,
+    *,
+    eps: float,
+    alloc_margin: float,
+    time_limit_s: float,
+    signed: bool = False,
+) -> tuple[np.ndarray | None, str, float]:
+    """Revenue-maximising price rises of every bidder at once, for a discrete setting.
+
+    With finitely many profiles the repair can be exact: every bidder ``i`` and cell ``c`` of
+    ``b_-i`` gets rises ``r[i, c, k] >= 0`` (the null element, last, never rises), every type ``t``
+    of bidder ``i`` in cell ``c`` a chosen element (binaries ``z[i, c, t, k]``) that beats every
+    other element by ``eps`` after the rises, the chosen allocations are compatible at every
+    profile, and the expected payment ``sum_p probs[p] sum_i (price + rise)`` of the chosen
+    elements is maximal (big-M linearisation; SCIP).
+
+    Args:
+      utilities: ``[bidders, cells, types, K + 1]`` utilities before the rises.
+      prices: ``[bidders, cells, K + 1]`` prices before the rises.
+      alloc_hi: ``[bidders, cells, K + 1, items]`` allocation upper bounds (capped at 1).
+      cell_of: ``[profiles, bidders]`` the cell of ``b_-i`` at each profile.
+      type_of: ``[profiles, bidders]`` bidder ``i``'s own type at each profile.
+      probs: ``[profiles]`` profile probabilities.
+      eps: the strict utility margin of every choice.
+      alloc_margin: two or more bidders' allocations of an item sum to at most ``1 - alloc_margin``.
+      time_limit_s: solver time limit.
+      signed: let prices also fall (down to 0): the rises may be negative. Strategy-proofness
+        does not care (they still depend on ``b_-i`` only); the menu is then re-priced optimally
+        for its allocations.
+
+    Returns:
+      ``(rises [bidders, cells, K + 1] or None, solver status, objective)``.
+    """
+    if signed:
+        return _repriced_revenue_milp(
+            utilities,
+            prices,
+            alloc_hi,
+            cell_of,
+            type_of,
+            probs,
+            eps=eps,
+            alloc_margin=alloc_margin,
+            time_limit_s=time_limit_s,
+        )
+    n, n_cells, n_types, k1 = utilities.shape
+    m = alloc_hi.shape[-1]
+    null = k1 - 1
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+    if solver is None:  # pragma: no cover - depends on the OR-Tools build
+        raise RuntimeError("OR-Tools was built without SCIP")
+    solver.SetTimeLimit(int(time_limit_s * 1000))
+    span = float(np.max(utilities) - np.min(utilities) + np.max(prices))
+    r_max = span + 2 * eps + 1.0
+    used = np.zeros((n, n_cells, n_types), bool)
+    used[np.arange(n)[None, :], cell_of, type_of] = True
+    floor = -np.maximum(prices, 0.0) if signed else np.zeros_like(prices)  # rises' lower bounds
+    keep = _distinct_allocations(alloc_hi, prices) if signed else np.ones(prices.shape, bool)
+    keep[..., null] = True
+    rise = [
+        [
+            [
+                solver.NumVar(float(floor[i, c, k]), r_max, "") if keep[i, c, k] else r_max
+                for k in range(null)
+            ]
+            + [0.0]
+            for c in range(n_cells)
+        ]
+        for i in range(n)
+    ]
+    z: dict[tuple[int, int, int], list[Any]] = {}
+    revenue_terms = []
+    weight = np.zeros((n, n_cells, n_types))
+    np.add.at(weight, (np.arange(n)[None, :], cell_of, type_of), probs[:, None])
+    for i, c, t in zip(*np.nonzero(used), strict=True):
+        # Payment = value of the chosen allocation - the type's utility U (linear, no products):
+        # U >= u_l - r_l + eps for every element not chosen, U = u_k - r_k for the chosen one.
+        u = utilities[i, c, t]
+        welfare = u + prices[i, c]
+        zs = [solver.BoolVar("") if keep[i, c, k] else 0 for k in range(k1)]
+        z[(i, c, t)] = zs
+        solver.Add(sum(zs) == 1)
+        top = max(float(np.max(u - floor[i, c])), 0.0)
+        utility = solver.NumVar(-r_max - span, top, "")
+        for k in np.flatnonzero(keep[i, c]):
+            solver.Add(utility >= float(u[k]) - rise[i][c][k] + eps * (1 - zs[k]))
+            big_m = top - float(u[k]) + (r_max if k != null else 0.0)
+            solver.Add(utility <= float(u[k]) - rise[i][c][k] + big_m * (1 - zs[k]))
+        revenue_terms.append(
+            weight[i, c, t]
+            * (sum(float(welfare[k]) * zs[k] for k in range(k1) if keep[i, c, k]) - utility)
+        )
+    # Allocations padded by alloc_margin where positive: one bidder alone may take all of an item.
+    padded = np.where(alloc_hi > 0, alloc_hi + alloc_margin, 0.0)
+    for p in range(len(probs)):
+        for j in range(m):
+            solver.Add(
+                sum(
+                    float(padded[i, cell_of[p, i], k, j]) * z[(i, cell_of[p, i], type_of[p, i])][k]
+                    for i in range(n)
+                    for k in range(k1)
+                    if padded[i, cell_of[p, i], k, j] > 0 and keep[i, cell_of[p, i], k]
+                )
+                <= 1.0 + alloc_margin
+            )
+    solver.Maximize(sum(revenue_terms))
+    status = solver.Solve()
+    names = {pywraplp.Solver.OPTIMAL: "OPTIMAL", pywraplp.Solver.FEASIBLE: "FEASIBLE"}
+    if status not in names:
+        return None, f"STATUS_{status}", math.nan
+    out = np.zeros((n, n_cells, k1))
+    for i in range(n):
+        for c in range(n_cells):
+            for k in range(null):
+                r = rise[i][c][k]
+                out[i, c, k] = max(r.solution_value(), floor[i, c, k]) if keep[i, c, k] else r
+    return out, names[status], solver.Objective().Value()
+
+
+def _repriced_revenue_milp(
+    utilities, prices, alloc_hi, cell_of, type_of, probs, *, eps, alloc_margin, time_limit_s
+):
+    """The signed case of :func:`discrete_revenue_milp` in the type-space formulation.
+
+    When prices may be set freely (>= 0), a cell's menu is a choice of one element per type plus
+    the types' utilities ``U``: incentive compatibility between types ``t`` and ``s`` of the same
+    cell reads ``U_t >= U_s + (v_t - v_s) . alloc(s) + eps`` (linear in the binaries, no big-M);
+    an element chosen by several types has one price; elements nobody chooses are priced out.
+    """
+    n, n_cells, n_types, k1 = utilities.shape
+    m = alloc_hi.shape[-1]
+    null = k1 - 1
+    welfare = utilities + prices[:, :, None, :]  # v_t . alloc_k
+    keep = _distinct_allocations(alloc_hi, prices)
+    keep[..., null] = True
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+    if solver is None:  # pragma: no cover - depends on the OR-Tools build
+        raise RuntimeError("OR-Tools was built without SCIP")
+    solver.SetTimeLimit(int(time_limit_s * 1000))
+    top = float(np.max(welfare)) + 1.0
+    used = np.zeros((n, n_cells, n_types), bool)
+    used[np.arange(n)[None, :], cell_of, type_of] = True
+    weight = np.zeros((n, n_cells, n_types))
+    np.add.at(weight, (np.arange(n)[None, :], cell_of, type_of), probs[:, None])
+    z: dict[tuple[int, int, int], dict[int, Any]] = {}
+    utility: dict[tuple[int, int, int], Any] = {}
+    objective = []
+    for i, c, t in zip(*np.nonzero(used), strict=True):
+        zs = {int(k): solver.BoolVar("") for k in np.flatnonzero(keep[i, c])}
+        z[(i, c, t)] = zs
+        solver.Add(sum(zs.values()) == 1)
+        u = solver.NumVar(0.0, top, "")
+        utility[(i, c, t)] = u
+        value = sum(float(welfare[i, c, t, k]) * zk for k, zk in zs.items())
+        solver.Add(u >= eps * (1 - zs[null]))  # strictly better than the null element...
+        solver.Add(u <= top * (1 - zs[null]))  # ...or the null element itself
+        solver.Add(u <= value)  # payments are >= 0
+        objective.append(weight[i, c, t] * (value - u))
+    for i, c in np.ndindex(n, n_cells):
+        types = [t for t in range(n_types) if used[i, c, t]]
+        for t in types:
+            for s_ in types:
+                if s_ == t:
+                    continue
+                zt, zs = z[(i, c, t)], z[(i, c, s_)]
+                # same = 1 iff t and s choose the same element (only bounded above: it relaxes)
+                same = []
+                for k in zs:
+                    y = solver.NumVar(0.0, 1.0, "")
+                    solver.Add(y <= zt[k])
+                    solver.Add(y <= zs[k])
+                    same.append(y)
+                gain = sum(
+                    float(welfare[i, c, t, k] - welfare[i, c, s_, k]) * zk for k, zk in zs.items()
+                )
+                solver.Add(utility[(i, c, t)] >= utility[(i, c, s_)] + gain + eps * (1 - sum(same)))
+    padded = np.where(alloc_hi > 0, alloc_hi + alloc_margin, 0.0)
+    for p in range(len(probs)):
+        for j in range(m):
+            solver.Add(
+                sum(
+                    float(padded[i, cell_of[p, i], k, j]) * zk
+                    for i in range(n)
+                    for k, zk in z[(i, cell_of[p, i], type_of[p, i])].items()
+                    if padded[i, cell_of[p, i], k, j] > 0
+                )
+                <= 1.0 + alloc_margin
+            )
+    solver.Maximize(sum(objective))
+    status = solver.Solve()
+    names = {pywraplp.Solver.OPTIMAL: "OPTIMAL", pywraplp.Solver.FEASIBLE: "FEASIBLE"}
+    if status not in names:
+        return None, f"STATUS_{status}", math.nan
+    # Prices from the solution: a chosen element costs v_s . alloc - U_s; the rest are priced out.
+    span = float(np.max(utilities) - np.min(utilities) + np.max(prices))
+    out = np.zeros((n, n_cells, k1))
+    out[..., :null] = span + 2 * eps + 1.0
+    for (i, c, t), zs in z.items():
+        k = max(zs, key=lambda k: zs[k].solution_value())
+        if k != null:
+            price = float(welfare[i, c, t, k]) - utility[(i, c, t)].solution_value()
+            out[i, c, k] = max(price, 0.0) - prices[i, c, k]
+    return out, names[status], solver.Objective().Value()

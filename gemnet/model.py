@@ -41,6 +41,10 @@ __all__ = [
 ]
 
 
+CLIP_ZERO_MARGIN = 1e-3  # logit margin under which a clipped allocation is exactly 0
+TINY_ALLOC = 1e-30  # a positive stand-in for allocation bounds that are not robustly 0
+
+
 @dataclasses.dataclass(frozen=True)
 class GemNetConfig:
     """Network shape of a GemNet (training hyperparameters live in ``GemNetTrainConfig``).
@@ -50,12 +54,16 @@ class GemNetConfig:
       hidden: units per hidden layer of each bidder's network.
       layers: hidden layers (ignored for one bidder: RochetNet's menu is a free parameter table).
       init_logit_scale: spread of the initial allocation logits across elements.
+      alloc_clip: additive allocations are ``clip((1 + 2c) sigmoid(z) - c, 0, 1)`` with this ``c``
+        (0: a plain sigmoid). With ``c > 0`` an element can allocate an item exactly 0 or 1, which
+        lets two bidders split the items exactly (a sigmoid's tails always overlap a little).
     """
 
     menu_size: int = 128
     hidden: int = 128
     layers: int = 2
     init_logit_scale: float = 2.0
+    alloc_clip: float = 0.0
 
 
 @struct.dataclass
@@ -123,6 +131,9 @@ class GemNet(nnx.Module):
             raise ValueError("GemNet needs a bounded support with high > low for every value")
         self.n_bidders, self.n_items, self.valuation = n_bidders, n_items, valuation
         self.menu_size = config.menu_size
+        self.alloc_clip = float(config.alloc_clip)
+        if not 0.0 <= self.alloc_clip < 1.0:
+            raise ValueError(f"alloc_clip must be in [0, 1), got {config.alloc_clip}")
         n, m, k = n_bidders, n_items, config.menu_size
         # Static input scaling (hashable tuples: they belong to the graph, not to the parameters).
         self.low = tuple(map(float, low.ravel()))
@@ -194,7 +205,14 @@ class GemNet(nnx.Module):
     def _alloc_from_logits(self, logits):
         if self.valuation == "unit_demand":
             return jax.nn.softmax(logits, axis=-1)[..., : self.n_items]
-        return jax.nn.sigmoid(logits)
+        return self._additive_alloc(logits)
+
+    def _additive_alloc(self, logits):
+        # monotone in the logits, so interval bounds map through it endpoint by endpoint
+        if self.alloc_clip == 0.0:
+            return jax.nn.sigmoid(logits)
+        c = self.alloc_clip
+        return jnp.clip((1.0 + 2.0 * c) * jax.nn.sigmoid(logits) - c, 0.0, 1.0)
 
     def raw_outputs(
         self, x: Float[Array, "*batch bidders inputs"]
@@ -316,7 +334,15 @@ def menu_bounds(
         a_lo, a_hi = _interval_softmax(logit_lo, logit_hi)
         a_lo, a_hi = a_lo[..., : model.n_items], a_hi[..., : model.n_items]
     else:
-        a_lo, a_hi = jax.nn.sigmoid(logit_lo), jax.nn.sigmoid(logit_hi)
+        a_lo, a_hi = model._additive_alloc(logit_lo), model._additive_alloc(logit_hi)
+        # An upper bound is exactly 0 only where the clipped head stays 0 even CLIP_ZERO_MARGIN
+        # above the logit bound (robust to float32 rounding); elsewhere it is positive, so that
+        # the certificate's allocation tolerance applies to it.
+        if model.alloc_clip:
+            robust_zero = model._additive_alloc(logit_hi + CLIP_ZERO_MARGIN) == 0.0
+            a_hi = jnp.where(robust_zero, 0.0, jnp.maximum(a_hi, TINY_ALLOC))
+        else:
+            a_hi = jnp.maximum(a_hi, TINY_ALLOC)
     p_lo = model.price_scale * jax.nn.softplus(price_lo)
     p_hi = model.price_scale * jax.nn.softplus(price_hi)
     null_a = jnp.zeros((*a_lo.shape[:-2], 1, model.n_items), a_lo.dtype)

@@ -45,14 +45,20 @@ from diffecon.distributions import Discrete, IndependentValues
 from diffecon.outcome import Outcome, check_bids
 from diffecon.settings import Setting
 from gemnet.certificate import Certificate, params_digest
-from gemnet.milp import CellProblem, CellSolution, solve_cell
+from gemnet.milp import (
+    CellProblem,
+    CellSolution,
+    discrete_revenue_milp,
+    solve_cell,
+    tighten_prices,
+)
 from gemnet.model import GemNet, Menus, choose, menu_bounds, others_bids
 
 __all__ = ["RepairConfig", "RepairError", "RepairedGemNet", "repair"]
 
 
 BUILDER_SLACK = 1.5  # the builder's candidate slack, in units of the certificate's
-BUILDER_ALLOC_MARGIN = 1e-5  # the builder certifies totals up to 1 minus this
+BUILDER_ALLOC_MARGIN = 1e-5  # the builder certifies totals of two or more bidders up to 1 - this
 
 
 class RepairError(RuntimeError):
@@ -81,6 +87,17 @@ class RepairConfig:
       max_boxes: give up (RepairError) beyond this many boxes at once.
       max_rounds: give up after this many MILP rounds per stage.
       progress: print a line per round.
+      discrete_revenue: when every coordinate is discrete (finitely many profiles), first try one
+        MILP over all bidders' rises that maximises the expected revenue subject to compatibility
+        at every profile (:func:`gemnet.milp.discrete_revenue_milp`); the staged repair is the
+        fallback.
+      discrete_max_binaries: skip that MILP beyond this many binaries.
+      discrete_signed: in that MILP let prices also fall (never below 0): the menus are re-priced
+        optimally for their learned allocations (offsets may then be negative; they still depend
+        on ``b_-i`` only, so strategy-proofness is kept).
+      tighten_discrete: when every coordinate is discrete, finally raise each cell's prices as far
+        as every type's choice allows (a linear program per cell of ``b_-i``): revenue rises,
+        choices and so compatibility stay as certified.
     """
 
     max_level: int = 6
@@ -98,6 +115,10 @@ class RepairConfig:
     max_boxes: int = 6_000_000
     max_rounds: int = 200
     progress: bool = True
+    discrete_revenue: bool = True
+    discrete_max_binaries: int = 20_000
+    discrete_signed: bool = True
+    tighten_discrete: bool = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +255,7 @@ class _Offsets:
         return lo[:, self.dims] @ self.strides if self.dims else np.zeros(len(lo), np.int64)
 
     def set(self, key: int, values: np.ndarray) -> None:
-        if np.any(values > 0):
+        if np.any(values != 0):
             self.table[key] = values
         else:
             self.table.pop(key, None)
@@ -317,7 +338,8 @@ def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
             model, others_bids(rlo), others_bids(rhi), splits
         )
         # slack for float32 rounding, capped at 1 (allocations never exceed it); null stays 0
-        a_hi = jnp.minimum(a_hi + alloc_tol, 1.0).at[..., -1, :].set(0.0)
+        a_hi = jnp.where(a_hi > 0.0, jnp.minimum(a_hi + alloc_tol, 1.0), 0.0)
+        a_hi = a_hi.at[..., -1, :].set(0.0)
         # (inflated boxes can reach below a support starting at 0: take the right corner)
         v_hi, v_lo = rhi[..., None, :], rlo[..., None, :]
         u_hi0 = jnp.sum(jnp.maximum(v_hi * a_hi, v_hi * a_lo), -1) - p_lo
@@ -328,8 +350,11 @@ def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
         # verifier never disagrees at the margin: more candidates, and totals below 1 - margin.
         cand = u_hi >= best - BUILDER_SLACK * utility_tol
         usage = jnp.max(jnp.where(cand[..., None], a_hi, 0.0), axis=-2)  # [B, n, m]
-        total = jnp.sum(usage * active[None, :, None], axis=1)
-        ok = jnp.all(total <= 1.0 - BUILDER_ALLOC_MARGIN, axis=-1)
+        used = usage * active[None, :, None]
+        total = jnp.sum(used, axis=1)
+        # One bidder alone never over-allocates (bounds are capped at 1): no margin needed there.
+        alone = jnp.sum(used > 0.0, axis=1) <= 1
+        ok = jnp.all((total <= 1.0 - BUILDER_ALLOC_MARGIN) | alone, axis=-1)
         return ok, usage, u_hi0, u_lo0, a_hi
 
     return bounds
@@ -567,11 +592,22 @@ def repair(
     lo, size = _initial_boxes(grid, config.start_level)
     stats: dict[str, Any] = {"rounds": 0, "milps": 0, "milp_wall_s": 0.0, "statuses": {}}
     stages = range(1, n) if n > 1 else [0]
+    if (
+        all(grid.discrete)
+        and config.discrete_revenue
+        and _discrete_revenue_repair(model, setting, grid, offsets, checker, config, scale, stats)
+    ):
+        stages = []
     for r in stages:
         active = (np.arange(n) <= r).astype(np.float32)
         lo, size = _certify_stage(
             r, lo, size, active, grid, offsets, checker, config, scale, workers, stats
         )
+    if config.tighten_discrete and all(grid.discrete):
+        stats["tightened_cells"] = _tighten_discrete(model, setting, grid, offsets, config, scale)
+        ok, _ = checker.run(lo, size, np.ones(n, np.float32))
+        if not np.all(ok):  # pragma: no cover - the tightening keeps every choice by construction
+            raise RepairError(f"price tightening broke {int((~ok).sum())} certified boxes")
     keys, values = zip(*(off.arrays() for off in offsets), strict=True)
     stats.update(
         n_boxes=len(lo),
@@ -678,6 +714,124 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
     return c_lo, c_size
 
 
+def _support_table(grid: _Grid, dims: list[int]) -> np.ndarray:
+    """``[combos, len(dims)]`` every combination of the cells of ``dims``, row-major."""
+    axes = [np.arange(len(grid.cell_lo[d])) for d in dims]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(dims))
+
+
+def _type_probs(setting: Setting, grid: _Grid, bidder: int, cells: np.ndarray) -> np.ndarray:
+    probs = np.ones(len(cells))
+    for t, d in enumerate(grid.own(bidder)):
+        marginal = setting.values.marginal(bidder, d - bidder * grid.m)
+        probs = probs * np.asarray(marginal.probs)[cells[:, t]]
+    return probs
+
+
+def _cell_menus(model: GemNet, grid: _Grid, bidder: int, offsets: list[_Offsets]):
+    """Bidder's exact menu at every cell of ``b_-i`` of a discrete grid (float64, with offsets)."""
+    n, m = grid.n, grid.m
+    others = grid.others(bidder)
+    cells = _support_table(grid, others)
+    lo_idx = np.zeros((len(cells), n * m), np.int64)
+    lo_idx[:, others] = cells
+    profiles = np.stack([grid.cell_lo[d][lo_idx[:, d]] for d in range(n * m)], -1)
+    bids = jnp.asarray(profiles.reshape(-1, n, m), jnp.float32)
+    menus = model.menus(bids)
+    alloc = np.asarray(menus.alloc[:, bidder], np.float64)  # [cells, K+1, m]
+    price = np.asarray(menus.price[:, bidder], np.float64) + offsets[bidder].exact(lo_idx)
+    # the checker's allocation bounds at the point (exact zeros of a clipped head stay 0)
+    others = others_bids(bids)
+    bound = np.asarray(menu_bounds(model, others, others).alloc[1][:, bidder], np.float64)
+    return lo_idx, alloc, price, bound
+
+
+def _discrete_revenue_repair(model, setting, grid, offsets, checker, config, scale, stats) -> bool:
+    """The joint revenue MILP of a discrete setting; ``True`` if its rises certify every box."""
+    n, m, k1 = grid.n, grid.m, model.menu_size + 1
+    own_tables = [_support_table(grid, grid.own(i)) for i in range(n)]
+    cell_tables = [_support_table(grid, grid.others(i)) for i in range(n)]
+    n_cells = max(len(t) for t in cell_tables)
+    n_types = max(len(t) for t in own_tables)
+    if n * n_cells * n_types * k1 > config.discrete_max_binaries:
+        return False
+    utilities = np.zeros((n, n_cells, n_types, k1))
+    prices = np.zeros((n, n_cells, k1))
+    alloc_hi = np.zeros((n, n_cells, k1, m))
+    for i in range(n):
+        _, alloc, price, bound = _cell_menus(model, grid, i, offsets)
+        values = np.stack(
+            [grid.cell_lo[d][own_tables[i][:, t]] for t, d in enumerate(grid.own(i))], -1
+        )
+        c = len(cell_tables[i])
+        utilities[i, :c, : len(values)] = np.einsum("tm,ckm->ctk", values, alloc) - price[:, None]
+        prices[i, :c] = price
+        alloc_hi[i, :c] = np.where(bound > 0, np.minimum(bound + config.alloc_tolerance, 1.0), 0.0)
+        alloc_hi[i, :c, -1] = 0.0
+    profiles = _support_table(grid, list(range(n * m)))
+    probs = np.ones(len(profiles))
+    cell_of = np.zeros((len(profiles), n), np.int64)
+    type_of = np.zeros((len(profiles), n), np.int64)
+    for i in range(n):
+        cell_of[:, i] = profiles[:, grid.others(i)] @ grid.strides(i)
+        own = profiles[:, grid.own(i)]
+        type_of[:, i] = np.ravel_multi_index(own.T, [len(grid.cell_lo[d]) for d in grid.own(i)])
+        probs = probs * _type_probs(setting, grid, i, own)
+    t0 = time.perf_counter()
+    rises, status, objective = discrete_revenue_milp(
+        utilities,
+        prices,
+        alloc_hi,
+        cell_of,
+        type_of,
+        probs,
+        eps=config.milp_margin * config.utility_tolerance * scale,
+        alloc_margin=2 * BUILDER_ALLOC_MARGIN,
+        time_limit_s=config.time_limit_s,
+        signed=config.discrete_signed,
+    )
+    stats["milps"] += 1
+    stats["milp_wall_s"] += time.perf_counter() - t0
+    stats["statuses"][status] = stats["statuses"].get(status, 0) + 1
+    stats["discrete_revenue_milp"] = {"status": status, "objective": objective}
+    if rises is None:
+        return False
+    saved = [dict(off.table) for off in offsets]
+    for i, off in enumerate(offsets):
+        lo_idx = np.zeros((len(cell_tables[i]), n * m), np.int64)
+        lo_idx[:, grid.others(i)] = cell_tables[i]
+        base = off.exact(lo_idx)
+        for c, key in enumerate(off.keys_of(lo_idx)):
+            off.set(int(key), base[c] + rises[i, c])
+    lo, size = _initial_boxes(grid, config.start_level)
+    ok, _ = checker.run(lo, size, np.ones(n, np.float32))
+    if np.all(ok):
+        return True
+    for off, table in zip(offsets, saved, strict=True):  # fall back to the staged repair
+        off.table = table
+        off._count = None
+    stats["discrete_revenue_milp"]["certified"] = False
+    return False
+
+
+def _tighten_discrete(model, setting, grid, offsets, config, scale) -> int:
+    """Raise prices cell by cell as far as every type's choice allows (discrete settings)."""
+    margin = 2.0 * config.milp_margin * config.utility_tolerance * scale
+    tightened = 0
+    for i, off in enumerate(offsets):
+        own = _support_table(grid, grid.own(i))
+        values = np.stack([grid.cell_lo[d][own[:, t]] for t, d in enumerate(grid.own(i))], -1)
+        probs = _type_probs(setting, grid, i, own)
+        lo_idx, alloc, price, _ = _cell_menus(model, grid, i, offsets)
+        for c, key in enumerate(off.keys_of(lo_idx)):
+            utilities = values @ alloc[c].T - price[c][None, :]  # [types, K+1]
+            rises = tighten_prices(utilities, probs, margin=margin, limit=10.0 * scale)
+            if rises is not None and np.any(rises > 0):
+                off.set(int(key), off.exact(lo_idx[c : c + 1])[0] + rises)
+                tightened += 1
+    return tightened
+
+
 def _cell_problem(r, key, own_rows, f_lo, keys, grid, checker, active, config) -> CellProblem:
     """The MILP data of bidder ``r``'s cell ``key`` over its constrained boxes."""
     template = f_lo[np.flatnonzero(keys == key)[0]]
@@ -690,7 +844,8 @@ def _cell_problem(r, key, own_rows, f_lo, keys, grid, checker, active, config) -
     others_active = active.copy()
     others_active[r] = 0.0
     taken = np.sum(usage * others_active[None, :, None], axis=1)  # [boxes, m]
-    bad = np.any(a_hi[:, r] + taken[:, None, :] > 1.0 - BUILDER_ALLOC_MARGIN, axis=-1)
+    over = a_hi[:, r] + taken[:, None, :] > 1.0 - BUILDER_ALLOC_MARGIN
+    bad = np.any(over & (taken[:, None, :] > 0.0) & (a_hi[:, r] > 0.0), axis=-1)
     bad[:, -1] = False
     return CellProblem(
         cell=int(key),

@@ -20,7 +20,8 @@ Checks, each a key of :attr:`VerificationReport.checks`:
   cell per support point.
 - ``tiling``: every cell tuple lies in exactly one box (found by recursive splitting, without
   allocating the grid).
-- ``offsets``: keys sorted, unique and in range; values finite, ``>= 0``, null column 0.
+- ``offsets``: keys sorted, unique and in range; values finite, ``>= 0`` unless every coordinate
+  is discrete, null column 0.
 - ``compatibility``: every box's candidate sets are compatible (see the certificate module).
 
 Exact rule per box (``tol_u``, ``tol_a``, ``inflation``: the effective tolerances): every
@@ -76,6 +77,9 @@ MIN_BOX_INFLATION = 1e-6
 CHECKS = ("setting", "params_digest", "tolerances", "grid", "tiling", "offsets", "compatibility")
 
 _EPS = float(np.finfo(np.float64).eps)
+# A clipped allocation head's upper bound counts as exactly 0 (no tolerance) only if the head is
+# still 0 this far above the logit's upper bound (float32 rounding of the logits is far smaller).
+CLIP_ZERO_MARGIN = 1e-3
 # Grid edges must match the support to this fraction of a cell (the builder's float64 edges are
 # exact to ~1e-16); bounds then use the union of the certificate's and the ideal cells anyway.
 _GRID_RTOL = 1e-9
@@ -233,6 +237,7 @@ class _MenuBounds:
         self.n, self.m, self.k = n, m, int(model.menu_size)
         self.unit_demand = setting.valuation == "unit_demand"
         self.width = m + 1 if self.unit_demand else m
+        self.alloc_clip = float(getattr(model, "alloc_clip", 0.0))
         self.weights = [np.asarray(w[...], np.float64) for w in model.weights]
         self.biases = [np.asarray(b[...], np.float64) for b in model.biases]
         self.abs_weights = [np.abs(w) for w in self.weights]
@@ -326,6 +331,7 @@ class _MenuBounds:
             hi[:, : k * wd].reshape(rows, k, wd),
         )
         raw_lo, raw_hi = lo[:, k * wd :], hi[:, k * wd :]
+        robust_zero = None
         if self.unit_demand:
             a_lo, a_hi = _softmax_bounds(logit_lo, logit_hi)
             a_lo, a_hi = a_lo[..., :m], a_hi[..., :m]  # the last entry is the dummy
@@ -333,8 +339,17 @@ class _MenuBounds:
         else:
             a_lo, a_hi = _sigmoid(logit_lo), _sigmoid(logit_hi)
             pad = 4 * _EPS
+            if self.alloc_clip:  # clip((1 + 2c) s - c, 0, 1): monotone, endpoint by endpoint
+                c = self.alloc_clip
+                a_lo = np.clip((1 + 2 * c) * a_lo - c, 0.0, 1.0)
+                a_hi = np.clip((1 + 2 * c) * a_hi - c, 0.0, 1.0)
+                # exactly 0 (no tolerance) only with a logit margin against float32 rounding
+                robust_zero = (1 + 2 * c) * _sigmoid(logit_hi + CLIP_ZERO_MARGIN) - c <= 0.0
+                pad = 8 * _EPS
         a_lo = np.maximum(a_lo - pad, 0.0)
         a_hi = np.minimum(a_hi + pad, 1.0)
+        if robust_zero is not None:
+            a_hi = np.where(robust_zero, 0.0, a_hi)
         p_lo = self.price_scale * _softplus(raw_lo) * (1.0 - 8 * _EPS)
         p_hi = self.price_scale * _softplus(raw_hi) * (1.0 + 8 * _EPS)
         return a_lo, a_hi, p_lo, p_hi
@@ -749,7 +764,9 @@ def _check_offsets(
             )
             usable = ok = False
             continue
-        if np.any(vals < 0):
+        # Signed offsets re-price a discrete setting's menus (any sign keeps strategy-proofness,
+        # since offsets depend on b_-i only); continuous repairs only ever raise prices.
+        if np.any(vals < 0) and not all(bool(x) for x in cert.discrete):
             r, c = np.argwhere(vals < 0)[0]
             fail.add(
                 "offsets",
@@ -899,7 +916,8 @@ class _Compatibility:
         inv, a_lo, a_hi, pr_lo, pr_hi, o_lo, o_hi = self._bidder_bounds(bidder, lo, size)
         k, tol_a = self.k, self.alloc_tolerance
         # Allocations never exceed 1 (sigmoid, softmax; also in float32), so the slack stops there.
-        a_top = np.minimum(a_hi + tol_a, 1.0)  # [U, K, m]
+        # An exact 0 (a clipped head, robustly) takes no slack.
+        a_top = np.where(a_hi > 0.0, np.minimum(a_hi + tol_a, 1.0), 0.0)  # [U, K, m]
         boxes = len(lo)
         # Utility bounds: sum_j v_j a_j over v in [v_lo, v_hi], a in [a_lo, a_top] (a >= 0).
         gain_hi, gain_lo = np.zeros((boxes, k)), np.zeros((boxes, k))

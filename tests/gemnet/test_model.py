@@ -11,8 +11,8 @@ from gemnet.model import others_bids
 SMALL = GemNetConfig(menu_size=6, hidden=16)
 
 
-def _model(name, seed=0):
-    return GemNet.for_setting(get_setting(name), SMALL, rngs=nnx.Rngs(seed))
+def _model(name, seed=0, config=SMALL):
+    return GemNet.for_setting(get_setting(name), config, rngs=nnx.Rngs(seed))
 
 
 @pytest.mark.parametrize(
@@ -71,10 +71,21 @@ def test_soft_choice_tends_to_the_hard_choice():
     assert not np.allclose(np.asarray(cool.pay), np.asarray(hard.pay), atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["additive_2x2_uniform", "unit_2x2_uniform", "unit_1x2_uniform"])
-def test_interval_bounds_contain_sampled_menus(name):
+CLIPPED = GemNetConfig(menu_size=6, hidden=16, alloc_clip=0.2, init_logit_scale=4.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("additive_2x2_uniform", SMALL),
+        ("unit_2x2_uniform", SMALL),
+        ("unit_1x2_uniform", SMALL),
+        ("additive_2x2_uniform", CLIPPED),
+    ],
+)
+def test_interval_bounds_contain_sampled_menus(name, config):
     setting = get_setting(name)
-    model = _model(name, seed=5)
+    model = _model(name, seed=5, config=config)
     n = setting.n_bidders
     key = jax.random.key(6)
     centre = setting.sample(key, (32,))
@@ -104,3 +115,17 @@ def test_bad_settings_and_bids_are_rejected():
         model(jnp.ones((4, 3, 2)))
     with pytest.raises(ValueError, match="NaN"):
         model(jnp.full((4, 2, 2), jnp.nan))
+
+
+def test_clipped_allocations_reach_exact_zero_and_one():
+    model = _model("additive_2x2_uniform", seed=3, config=CLIPPED)
+    bids = get_setting("additive_2x2_uniform").sample(jax.random.key(0), (256,))
+    alloc = np.asarray(model.menus(bids).alloc[..., :-1, :])
+    assert alloc.min() == 0.0 and alloc.max() == 1.0  # the sigmoid alone never gets there
+    assert np.all((alloc >= 0.0) & (alloc <= 1.0))
+    # Upper bounds are exactly 0 only with a margin; the rest are positive (they take the slack).
+    others = others_bids(bids)
+    upper = np.asarray(menu_bounds(model, others, others).alloc[1][..., :-1, :])
+    assert np.all(upper >= alloc) and np.any(upper == 0.0) and np.all(upper[alloc > 0] > 0)
+    with pytest.raises(ValueError, match="alloc_clip"):
+        _model("additive_2x2_uniform", config=GemNetConfig(alloc_clip=1.5))

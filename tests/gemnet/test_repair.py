@@ -17,7 +17,7 @@ from diffecon import (
     regret_search,
 )
 from gemnet import RepairConfig, RepairError, load_certificate, repair, save_certificate
-from gemnet.milp import CellProblem, solve_cell
+from gemnet.milp import CellProblem, discrete_revenue_milp, solve_cell, tighten_prices
 
 FAST = RepairConfig(max_level=3, workers=1, progress=False)
 
@@ -130,6 +130,83 @@ def test_cell_milp_without_bad_elements_changes_nothing():
     np.testing.assert_array_equal(sol.offsets, 0.0)
 
 
+def _two_bidders_one_item(price: float):
+    """Two bidders, one item, values {1, 2} w.p. 1/2: each bidder's menu at either cell offers
+    the item at ``price`` (element 0) or nothing (the null element, 1)."""
+    values = np.array([1.0, 2.0])
+    utilities = np.zeros((2, 2, 2, 2))  # [bidders, cells (other's value), types, K + 1]
+    utilities[..., 0] = values[None, None, :] - price
+    prices = np.zeros((2, 2, 2))
+    prices[..., 0] = price
+    alloc = np.zeros((2, 2, 2, 1))
+    alloc[:, :, 0, 0] = 1.0
+    profiles = np.array([(a, b) for a in range(2) for b in range(2)])  # value indices
+    cell_of = profiles[:, ::-1]  # bidder 0's cell is bidder 1's value and vice versa
+    return utilities, prices, alloc, cell_of, profiles, np.full(4, 0.25)
+
+
+def test_discrete_revenue_milp_finds_myersons_revenue():
+    # Both bidders buy at price 0.5: over-allocation. The best price-only repair is Myerson's
+    # auction for values {1, 2}: virtual values 0 and 2, revenue 2 * P(some bidder is high) = 1.5.
+    utilities, prices, alloc, cell_of, type_of, probs = _two_bidders_one_item(0.5)
+    rises, status, objective = discrete_revenue_milp(
+        utilities,
+        prices,
+        alloc,
+        cell_of,
+        type_of,
+        probs,
+        eps=1e-4,
+        alloc_margin=1e-5,
+        time_limit_s=30.0,
+    )
+    assert status == "OPTIMAL" and rises is not None
+    assert objective == pytest.approx(1.5, abs=1e-3)
+    assert np.all(rises >= 0) and np.all(rises[..., -1] == 0)
+    # Replay the choices: compatible at every profile, revenue as claimed.
+    revenue = 0.0
+    for p in range(4):
+        taken = 0.0
+        for i in range(2):
+            c, t = cell_of[p, i], type_of[p, i]
+            u = utilities[i, c, t] - rises[i, c]
+            k = int(np.argmax(u))
+            taken += alloc[i, c, k, 0]
+            revenue += probs[p] * (prices[i, c, k] + rises[i, c, k])
+        assert taken <= 1.0
+    assert revenue == pytest.approx(objective, abs=1e-6)
+
+
+def test_discrete_revenue_milp_keeps_compatible_menus_and_raises_prices():
+    # At price 2.5 nobody buys: compatible already; the MILP may only raise revenue (here: keep
+    # the null choices, since rises cannot lower the price to 2).
+    utilities, prices, alloc, cell_of, type_of, probs = _two_bidders_one_item(2.5)
+    _, status, objective = discrete_revenue_milp(
+        utilities,
+        prices,
+        alloc,
+        cell_of,
+        type_of,
+        probs,
+        eps=1e-4,
+        alloc_margin=1e-5,
+        time_limit_s=30.0,
+    )
+    assert status == "OPTIMAL" and objective == pytest.approx(0.0, abs=1e-9)
+
+
+def test_tighten_prices_keeps_choices_and_extracts_the_surplus():
+    # One bidder type (value 1) buys element 0 at 0.2 over the null element; the price can rise to
+    # 1 - margin. Type 2 (value 0.5) buys nothing and must keep doing so.
+    utilities = np.array([[0.8, 0.0], [-0.3, 0.0]])
+    rises = tighten_prices(utilities, np.array([0.5, 0.5]), margin=1e-3, limit=10.0)
+    assert rises is not None
+    assert rises[0] == pytest.approx(0.8 - 1e-3, abs=1e-9) and rises[1] == 0.0
+    assert np.array_equal(np.argmax(utilities - rises, axis=1), [0, 1])
+    # A choice tied with the null element cannot keep a margin: no rises.
+    assert tighten_prices(np.array([[0.0, 0.0]]), np.ones(1), margin=1e-3, limit=1.0) is None
+
+
 def test_discrete_setting_is_repaired_on_its_support():
     from diffecon import TrainConfig
     from gemnet import GemNetConfig, GemNetTrainConfig, train_gemnet
@@ -143,8 +220,19 @@ def test_discrete_setting_is_repaired_on_its_support():
 
     assert verify_certificate(model, setting, cert).ok
     profiles = np.array(np.meshgrid(*[[3.0, 7.0]] * 4, indexing="ij")).reshape(4, -1).T
-    out = repaired(jnp.asarray(profiles.reshape(16, 2, 2), jnp.float32))
+    bids = jnp.asarray(profiles.reshape(16, 2, 2), jnp.float32)
+    out = repaired(bids)
     assert float(jnp.max(jnp.sum(out.alloc, axis=-2))) <= 1.0 + 1e-6
+    # The joint revenue MILP ran and its objective is the repaired mechanism's exact revenue.
+    milp = cert.stats["discrete_revenue_milp"]
+    assert milp["status"] in ("OPTIMAL", "FEASIBLE")  # FEASIBLE: out of time on a busy machine
+    assert float(jnp.mean(jnp.sum(out.pay, -1))) == pytest.approx(milp["objective"], abs=1e-3)
+    # The staged repair (minimal non-negative offsets, then tightening) certifies as well.
+    staged, staged_cert = repair(model, setting, dataclasses.replace(FAST, discrete_revenue=False))
+    assert verify_certificate(model, setting, staged_cert).ok
+    assert "discrete_revenue_milp" not in staged_cert.stats
+    assert np.all(np.concatenate([v.ravel() for v in staged_cert.offset_values]) >= 0)
+    assert float(jnp.max(jnp.sum(staged(bids).alloc, axis=-2))) <= 1.0 + 1e-6
 
 
 def test_adversarial_search_finds_over_allocation_only_before_repair(repaired_2x2):
