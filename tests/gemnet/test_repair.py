@@ -247,3 +247,23 @@ def test_adversarial_search_finds_over_allocation_only_before_repair(repaired_2x
         repaired, setting, key=jax.random.key(0), n_starts=256, steps=50
     )
     assert after.max_over_allocation <= 1e-6 and after.rate == 0.0
+
+
+@pytest.mark.slow
+def test_yao_repaired_revenue_equals_the_optimal_auction():
+    # The benchmark's recipe (minutes on a CPU): training, then the exact discrete repair; the
+    # optimum comes from an independent LP over the 16 profiles.
+    from benchmarks.gemnet import RECIPES
+    from diffecon import TrainConfig, optimal_dsic_lp
+    from gemnet import train_gemnet, verify_certificate
+
+    setting = get_setting("yao_2x2_discrete_37")
+    steps, recipe = RECIPES[setting.name]
+    model, _ = train_gemnet(setting, recipe, TrainConfig(steps=steps, seed=0, progress=False))
+    repaired, cert = repair(model, setting, dataclasses.replace(FAST, time_limit_s=300.0))
+    assert verify_certificate(model, setting, cert).ok
+    lp = optimal_dsic_lp(setting)
+    out = repaired(jnp.asarray(lp.profiles, jnp.float32))
+    assert float(jnp.max(jnp.sum(out.alloc, axis=-2))) <= 1.0
+    revenue = float(np.sum(lp.probs * np.asarray(out.pay, np.float64).sum(-1)))
+    assert revenue == pytest.approx(lp.revenue, rel=1e-3)
