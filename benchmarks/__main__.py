@@ -16,6 +16,9 @@ SUITES: dict[str, tuple[str, str]] = {
     "readme": ("benchmarks.readme", "ReadmeConfig"),
     "merge": ("benchmarks.merge", "MergeConfig"),
     "gemnet": ("benchmarks.gemnet", "GemNetBenchConfig"),
+    "genrec": ("benchmarks.genrec", "GenRecBenchConfig"),
+    "llm_auction": ("benchmarks.llm_auction", "LLMAuctionBenchConfig"),
+    "datamarket": ("benchmarks.datamarket", "DataMarketBenchConfig"),
 }
 
 

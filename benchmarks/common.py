@@ -20,8 +20,33 @@ CHECKPOINTS_DIR = RESULTS_DIR / "checkpoints"
 
 # Which metrics each suite's Markdown table shows (the suite's own table and the README's).
 TABLE_METRICS: dict[str, tuple[str, ...]] = {
+    "genrec": (
+        "ndcg10",
+        "recall10",
+        "ndcg10_organic",
+        "ndcg10_ad",
+        "ad_rate",
+        "revenue_first_price",
+        "revenue_myerson",
+        "advertiser_welfare",
+        "high_value_share",
+        "users_per_s",
+        "compile_s",
+    ),
+    # one row per measured quantity; the setting and mechanism columns say what it is
+    "llm_auction": ("value", "reference", "z_score"),
+    "datamarket": (
+        "revenue",
+        "revenue_vs_optimal",
+        "regret",
+        "obedience_violation",
+        "ir_violation",
+        "envelope_excess",
+        "train_wall_s",
+    ),
     "gemnet": (
         "revenue",
+        "exact_revenue",
         "over_allocation_rate",
         "adversarial_over_allocation",
         "regret_max",
@@ -43,6 +68,11 @@ TABLE_METRICS: dict[str, tuple[str, ...]] = {
         "speedup_vs_per_op_dispatch",
         "wall_s_to_target",
         "steps_to_target",
+        "train_wall_s",
+        "repair_wall_s",
+        "train_plus_repair_s",
+        "n_boxes",
+        "milps",
     ),
 }
 

@@ -61,7 +61,7 @@ RECIPES: dict[str, tuple[int, GemNetTrainConfig]] = {
     ),
     "additive_2x2_uniform": (
         10_000,
-        GemNetTrainConfig(network=GemNetConfig(menu_size=128), batch_size=4096),
+        GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096),
     ),
     # Exact 0/1 allocations (alloc_clip) let the two bidders split the items, as the optimum does.
     "yao_2x2_discrete_37": (

@@ -75,6 +75,92 @@ def test_gemnet_quick_smoke_run(tmp_path):
     assert (out / "checkpoints" / "gemnet_additive_2x2_uniform" / "certificate").is_dir()
 
 
+def test_llm_auction_quick_smoke_run_of_the_core_parts(tmp_path):
+    # The default suite's budget: payments, monotonicity and the committed LMs only.
+    out = tmp_path / "llm_auction"
+    parts = ["payments", "monotonicity", "lm"]
+    assert main(["llm_auction", "--quick", "--parts", *parts, "--out", str(out)]) == 0
+    records = _records(out / "llm_auction.json")
+    by = {(r["setting"], r["mechanism"], r["metric"]): r for r in records}
+    z = [r["value"] for r in records if r["metric"] == "z_score"]
+    assert len(z) >= 10 and max(abs(v) for v in z) < 5
+    mono = by[("monotonicity coordinatewise: share of cases passing", "linear", "value")]
+    assert mono["value"] == 1.0
+    bpc = [r for r in records if r["setting"].startswith("held-out bits/char")]
+    assert len(bpc) == 6 and all(1.0 < r["value"] < 4.0 for r in bpc)
+
+
+@pytest.mark.slow
+def test_llm_auction_quick_smoke_run(tmp_path):
+    out = tmp_path / "llm_auction"
+    assert main(["llm_auction", "--quick", "--out", str(out)]) == 0
+    records = _records(out / "llm_auction.json")
+    by = {(r["setting"], r["mechanism"], r["metric"]): r for r in records}
+    z = [r["value"] for r in records if r["metric"] == "z_score"]
+    assert len(z) >= 10 and max(abs(v) for v in z) < 5
+    mono = by[("monotonicity coordinatewise: share of cases passing", "linear", "value")]
+    assert mono["value"] == 1.0
+    bpc = [r for r in records if r["setting"].startswith("held-out bits/char")]
+    assert len(bpc) == 6 and all(1.0 < r["value"] < 4.0 for r in bpc)
+    speed = [r for r in records if r["setting"].startswith("speed: tokens per second")]
+    assert all(r["value"] > 0 for r in speed)
+    assert any(r["setting"].startswith("regret_mean") for r in records)
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert "Bid sweep generations" in (out / "generations.md").read_text()
+    assert "| linear |" in (out / "monotonicity.md").read_text()
+
+
+def test_datamarket_quick_smoke_run(tmp_path):
+    out = tmp_path / "datamarket"
+    settings = ["dm_single_uniform", "dm_2_uniform_theta0.5_alpha0.5_bic"]
+    assert main(["datamarket", "--quick", "--settings", *settings, "--out", str(out)]) == 0
+    records = _records(out / "datamarket.json")
+    by = {(r["setting"], r["mechanism"], r["metric"]): r for r in records}
+    single = by[("dm_single_uniform", "optimal", "revenue")]
+    assert abs(single["value"] - 1 / 8) <= 4 * single["stderr"]
+    assert abs(by[("dm_single_uniform", "lp_grid_100", "revenue")]["value"] - 0.1275) < 1e-6
+    market = by[("dm_2_uniform_theta0.5_alpha0.5_bic", "optimal", "revenue")]
+    assert abs(market["value"] - 0.3958) <= 4 * market["stderr"] + 1e-4
+    assert by[("dm_2_uniform_theta0.5_alpha0.5_bic", "optimal", "regret")]["value"] < 2e-3
+    for metric in ("revenue", "regret", "obedience_violation", "ir_violation", "train_wall_s"):
+        assert ("dm_2_uniform_theta0.5_alpha0.5_bic", "learned", metric) in by
+    assert (out / "menu_dm_single_uniform.png").stat().st_size > 1000
+    assert (out / "market_dm_2_uniform_theta0.5_alpha0.5_bic.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "datamarket_dm_single_uniform").is_dir()
+
+
+def test_genrec_quick_smoke_run(tmp_path):
+    out = tmp_path / "genrec"
+    lambdas = ["--lambdas", "0", "1", "--shock-lambdas", "1"]
+    assert main(["genrec", "--quick", *lambdas, "--out", str(out)]) == 0
+    records = _records(out / "genrec.json")
+    by = {(r["mechanism"], r["metric"]): r for r in records}
+    assert by[("rqvae", "codebook_usage")]["value"] >= 0.5
+    for mech in ("gemrec_lambda_0", "gemrec_lambda_1", "sasrec", "popularity"):
+        assert 0 <= by[(mech, "ndcg10")]["value"] <= 1 and by[(mech, "ndcg10")]["stderr"] > 0
+    assert (
+        by[("gemrec_lambda_1", "ad_rate")]["value"] >= by[("gemrec_lambda_0", "ad_rate")]["value"]
+    )
+    assert by[("gemrec_lambda_1", "auction_mismatch")]["value"] == 0
+    assert ("gemrec_shock_lambda_1", "high_value_share") in by
+    assert by[("gemrec_decode", "users_per_s")]["value"] > 0
+    assert by[("gemrec_decode", "compile_s")]["value"] > 0
+    assert (out / "genrec_frontier.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "genrec_gemrec").is_dir()
+    # the committed-checkpoint path: load what the run saved and reproduce its numbers
+    again = tmp_path / "again"
+    argv = ["genrec", "--quick", "--pretrained", *lambdas, "--out", str(again)]
+    argv += ["--checkpoints-dir", str(out / "checkpoints")]
+    assert main(argv) == 0
+    reloaded = {(r["mechanism"], r["metric"]): r for r in _records(again / "genrec.json")}
+    for key in (
+        ("gemrec_lambda_1", "ndcg10"),
+        ("sasrec", "ndcg10"),
+        ("gemrec_lambda_1", "revenue_myerson"),
+    ):
+        assert reloaded[key]["value"] == by[key]["value"]
+
+
 def test_unknown_setting_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown setting"):
         main(["revenue", "--quick", "--settings", "additive_2x2_unifrm", "--out", str(tmp_path)])
@@ -92,6 +178,11 @@ def test_speed_quick_smoke_run(tmp_path):
     its = [r for r in records if r["metric"] == "iters_per_s"]
     assert {r["mechanism"] for r in its} == {"regretnet_fused", "regretnet_per_op_dispatch"}
     assert all(r["value"] > 0 and math.isfinite(r["value"]) for r in its)
+    gem = {r["metric"]: r for r in records if r["mechanism"] == "gemnet"}
+    assert gem["train_plus_repair_s"]["value"] == pytest.approx(
+        gem["train_wall_s"]["value"] + gem["repair_wall_s"]["value"]
+    )
+    assert gem["n_boxes"]["value"] >= 1 and gem["repair_wall_s"]["verified"] is True
 
 
 def test_readme_tables_match_the_committed_results():
