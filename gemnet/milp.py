@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from ortools.linear_solver import pywraplp
@@ -323,7 +323,10 @@ def discrete_revenue_milp(
         for c in range(n_cells):
             for k in range(null):
                 r = rise[i][c][k]
-                out[i, c, k] = max(r.solution_value(), floor[i, c, k]) if keep[i, c, k] else r
+                if isinstance(r, float):  # priced out, not a variable
+                    out[i, c, k] = r
+                else:
+                    out[i, c, k] = max(cast(Any, r).solution_value(), floor[i, c, k])
     return out, names[status], solver.Objective().Value()
 
 

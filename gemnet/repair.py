@@ -721,9 +721,12 @@ def _support_table(grid: _Grid, dims: list[int]) -> np.ndarray:
 
 
 def _type_probs(setting: Setting, grid: _Grid, bidder: int, cells: np.ndarray) -> np.ndarray:
+    values = setting.values
+    assert isinstance(values, IndependentValues)  # checked by _make_grid
     probs = np.ones(len(cells))
     for t, d in enumerate(grid.own(bidder)):
-        marginal = setting.values.marginal(bidder, d - bidder * grid.m)
+        marginal = values.marginal(bidder, d - bidder * grid.m)
+        assert isinstance(marginal, Discrete)
         probs = probs * np.asarray(marginal.probs)[cells[:, t]]
     return probs
 
