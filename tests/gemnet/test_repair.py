@@ -145,21 +145,18 @@ def _two_bidders_one_item(price: float):
     return utilities, prices, alloc, cell_of, profiles, np.full(4, 0.25)
 
 
+def _solve(price: float, signed: bool = False):
+    problem = _two_bidders_one_item(price)
+    result = discrete_revenue_milp(
+        *problem, eps=1e-4, alloc_margin=1e-5, time_limit_s=30.0, signed=signed
+    )
+    return problem, result
+
+
 def test_discrete_revenue_milp_finds_myersons_revenue():
     # Both bidders buy at price 0.5: over-allocation. The best price-only repair is Myerson's
     # auction for values {1, 2}: virtual values 0 and 2, revenue 2 * P(some bidder is high) = 1.5.
-    utilities, prices, alloc, cell_of, type_of, probs = _two_bidders_one_item(0.5)
-    rises, status, objective = discrete_revenue_milp(
-        utilities,
-        prices,
-        alloc,
-        cell_of,
-        type_of,
-        probs,
-        eps=1e-4,
-        alloc_margin=1e-5,
-        time_limit_s=30.0,
-    )
+    (utilities, prices, alloc, cell_of, type_of, probs), (rises, status, objective) = _solve(0.5)
     assert status == "OPTIMAL" and rises is not None
     assert objective == pytest.approx(1.5, abs=1e-3)
     assert np.all(rises >= 0) and np.all(rises[..., -1] == 0)
@@ -180,19 +177,13 @@ def test_discrete_revenue_milp_finds_myersons_revenue():
 def test_discrete_revenue_milp_keeps_compatible_menus_and_raises_prices():
     # At price 2.5 nobody buys: compatible already; the MILP may only raise revenue (here: keep
     # the null choices, since rises cannot lower the price to 2).
-    utilities, prices, alloc, cell_of, type_of, probs = _two_bidders_one_item(2.5)
-    _, status, objective = discrete_revenue_milp(
-        utilities,
-        prices,
-        alloc,
-        cell_of,
-        type_of,
-        probs,
-        eps=1e-4,
-        alloc_margin=1e-5,
-        time_limit_s=30.0,
-    )
+    _, (_, status, objective) = _solve(2.5)
     assert status == "OPTIMAL" and objective == pytest.approx(0.0, abs=1e-9)
+    # With signed offsets (discrete settings) the menu is re-priced: Myerson's 1.5 again, and no
+    # price falls below 0.
+    (_, prices, *_), (rises, status, objective) = _solve(2.5, signed=True)
+    assert status == "OPTIMAL" and objective == pytest.approx(1.5, abs=1e-3)
+    assert rises is not None and np.all(prices + rises >= 0)
 
 
 def test_tighten_prices_keeps_choices_and_extracts_the_surplus():
