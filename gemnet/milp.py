@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from ortools.linear_solver import pywraplp
@@ -264,19 +264,9 @@ def discrete_revenue_milp(
     r_max = span + 2 * eps + 1.0
     used = np.zeros((n, n_cells, n_types), bool)
     used[np.arange(n)[None, :], cell_of, type_of] = True
-    floor = -np.maximum(prices, 0.0) if signed else np.zeros_like(prices)  # rises' lower bounds
-    keep = _distinct_allocations(alloc_hi, prices) if signed else np.ones(prices.shape, bool)
-    keep[..., null] = True
-    rise = [
-        [
-            [
-                solver.NumVar(float(floor[i, c, k]), r_max, "") if keep[i, c, k] else r_max
-                for k in range(null)
-            ]
-            + [0.0]
-            for c in range(n_cells)
-        ]
-        for i in range(n)
+    rise: list[list[list[Any]]] = [
+        [[solver.NumVar(0.0, r_max, "") for _ in range(null)] + [0.0] for _ in range(n_cells)]
+        for _ in range(n)
     ]
     z: dict[tuple[int, int, int], list[Any]] = {}
     revenue_terms = []
@@ -287,18 +277,17 @@ def discrete_revenue_milp(
         # U >= u_l - r_l + eps for every element not chosen, U = u_k - r_k for the chosen one.
         u = utilities[i, c, t]
         welfare = u + prices[i, c]
-        zs = [solver.BoolVar("") if keep[i, c, k] else 0 for k in range(k1)]
+        zs = [solver.BoolVar("") for _ in range(k1)]
         z[(i, c, t)] = zs
         solver.Add(sum(zs) == 1)
-        top = max(float(np.max(u - floor[i, c])), 0.0)
+        top = max(float(np.max(u)), 0.0)
         utility = solver.NumVar(-r_max - span, top, "")
-        for k in np.flatnonzero(keep[i, c]):
+        for k in range(k1):
             solver.Add(utility >= float(u[k]) - rise[i][c][k] + eps * (1 - zs[k]))
             big_m = top - float(u[k]) + (r_max if k != null else 0.0)
             solver.Add(utility <= float(u[k]) - rise[i][c][k] + big_m * (1 - zs[k]))
         revenue_terms.append(
-            weight[i, c, t]
-            * (sum(float(welfare[k]) * zs[k] for k in range(k1) if keep[i, c, k]) - utility)
+            weight[i, c, t] * (sum(float(welfare[k]) * zs[k] for k in range(k1)) - utility)
         )
     # Allocations padded by alloc_margin where positive: one bidder alone may take all of an item.
     padded = np.where(alloc_hi > 0, alloc_hi + alloc_margin, 0.0)
@@ -309,7 +298,7 @@ def discrete_revenue_milp(
                     float(padded[i, cell_of[p, i], k, j]) * z[(i, cell_of[p, i], type_of[p, i])][k]
                     for i in range(n)
                     for k in range(k1)
-                    if padded[i, cell_of[p, i], k, j] > 0 and keep[i, cell_of[p, i], k]
+                    if padded[i, cell_of[p, i], k, j] > 0
                 )
                 <= 1.0 + alloc_margin
             )
@@ -322,11 +311,7 @@ def discrete_revenue_milp(
     for i in range(n):
         for c in range(n_cells):
             for k in range(null):
-                r = rise[i][c][k]
-                if isinstance(r, float):  # priced out, not a variable
-                    out[i, c, k] = r
-                else:
-                    out[i, c, k] = max(cast(Any, r).solution_value(), floor[i, c, k])
+                out[i, c, k] = max(rise[i][c][k].solution_value(), 0.0)
     return out, names[status], solver.Objective().Value()
 
 
