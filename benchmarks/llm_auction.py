@@ -31,7 +31,14 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from benchmarks.common import TABLE_METRICS, make_record, markdown_table, read_json, write_json
+from benchmarks.common import (
+    TABLE_METRICS,
+    fmt,
+    make_record,
+    markdown_table,
+    read_json,
+    write_json,
+)
 from diffecon import mean_estimate
 from diffecon.plotting import save_figure
 from diffecon.regret import RegretConfig, regret_search, regret_stats
@@ -620,3 +627,119 @@ def run(config: LLMAuctionBenchConfig) -> list[dict[str, Any]]:
     (out / "llm_auction.md").write_text(markdown_table(everything, metrics=METRICS))
     print(f"[llm_auction] wrote {len(records)} records to {out}")
     return records
+
+
+# --------------------------------------------------------------------------------------------------
+# The README's summary (the full per-quantity table is ``llm_auction.md``).
+
+
+def _by(records: list[dict[str, Any]], prefix: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """``(setting, mechanism) -> {metric: record}`` for the settings starting with ``prefix``."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in records:
+        if r["setting"].startswith(prefix):
+            out.setdefault((r["setting"], r["mechanism"]), {})[r["metric"]] = r
+    return out
+
+
+def _v(r: dict[str, Any], digits: int = 4) -> str:
+    return f"{r['value']:.{digits}f}"
+
+
+def readme_table(records: list[dict[str, Any]]) -> str:
+    """A condensed Markdown table of the suite's records: one row per check, not per quantity.
+
+    Race payments: one row per bid vector (every agent's realised mean +- SE, the race's closed
+    form, the largest |z|, and the spec's TV formula); monotonicity and payment checks: one row per
+    rule; held-out bits per character; the sweep's trend test; regret per payment rule and
+    valuation at each agent count; speed per agent count. Rows whose records are absent (a run of
+    some parts only) are left out.
+    """
+    rows: list[tuple[str, str, str]] = []
+    race_rows: dict[str, list[dict[str, Any]]] = {}
+    for (setting, mech), m in _by(records, "race payment").items():
+        race_rows.setdefault(setting, []).append({"mech": mech, **m})
+    for setting, items in race_rows.items():
+        real = [x for x in items if "realised" in x["mech"]]
+        tv = [x for x in items if "TV envelope" in x["mech"]]
+        z = max(abs(x["z_score"]["value"]) for x in real) if real else float("nan")
+        rows.append(
+            (
+                setting.replace("race payment, ", "race payments (10^5 races), "),
+                ", ".join(fmt(x["value"]["value"], x["value"]["stderr"]) for x in real),
+                "race closed form "
+                + ", ".join(_v(x["reference"]) for x in real)
+                + f" (max abs z {z:.2f}); spec's TV formula "
+                + ", ".join(_v(x["value"]) for x in tv),
+            )
+        )
+    mono = _by(records, "payment non-decreasing")
+    if mono:
+        rows.append(
+            (
+                "payments non-decreasing in own bid, 0 at 0 (share of cases)",
+                ", ".join(f"{mech} {_v(m['value'], 3)}" for (_, mech), m in mono.items()),
+                "1",
+            )
+        )
+    by_rule: dict[tuple[str, int], list[str]] = {}
+    for (setting, rule), m in _by(records, "monotonicity ").items():
+        prop = setting.split()[1].rstrip(":")
+        cases = int(m["value"].get("n_samples") or 0)
+        by_rule.setdefault((rule, cases), []).append(f"{prop} {_v(m['value'], 3)}")
+    for (rule, cases), props in by_rule.items():
+        label = f"monotonicity, {rule} rule (share of {cases:,} random cases passing)"
+        rows.append((label, ", ".join(props), ""))
+    held_out: dict[str, list[str]] = {}
+    for (setting, mech), m in _by(records, "held-out bits/char").items():
+        held_out.setdefault(setting, []).append(f"{mech} {_v(m['value'], 3)}")
+    for setting, cells in held_out.items():
+        rows.append((setting, ", ".join(cells), ""))
+    for (setting, agent), m in _by(records, "sweep").items():
+        if "rises" in setting:
+            rule = setting.split()[1]
+            rows.append(
+                (
+                    f"sweep, {rule} rule: {agent}'s log-likelihood rises with its bid share",
+                    "yes" if m["value"]["value"] == 1 else "no",
+                    f"rank correlation {_v(m['reference'], 2)}",
+                )
+            )
+    regret: dict[str, list[str]] = {}
+    for (setting, mech), m in _by(records, "regret_mean").items():
+        agents = setting.split(",")[1].strip()
+        mx = _by(records, setting.replace("regret_mean", "regret_max")).get(
+            (setting.replace("regret_mean", "regret_max"), mech), {}
+        )
+        cell = f"{agents}: {fmt(m['value']['value'], m['value']['stderr'])}"
+        if "value" in mx:
+            cell += f" (max {mx['value']['value']:.2g})"
+        regret.setdefault(mech, []).append(cell)
+    for mech, cells in regret.items():
+        rows.append((f"regret of misreported bids, {mech}", "; ".join(cells), ""))
+    speed: dict[str, dict[str, float]] = {}
+    for (setting, mech), m in _by(records, "speed").items():
+        n = mech.split()[0]
+        key = "auction tok/s" if "race payments" in mech else "plain tok/s"
+        if "fraction" in setting:
+            key = "end-to-end overhead"
+        elif "cost / forward" in setting:
+            key = "component overhead"
+        elif "tokens per second" not in setting:
+            continue
+        speed.setdefault(n, {})[key] = m["value"]["value"]
+    nan = float("nan")
+    for n, s in speed.items():
+        parts = s.get("component overhead", nan), s.get("end-to-end overhead", nan)
+        rows.append(
+            (
+                f"speed, {n} agent(s)",
+                f"{s.get('auction tok/s', nan):.0f} tokens/s with the auction, "
+                f"{s.get('plain tok/s', nan):.0f} without",
+                f"aggregation + payments / forward passes: {parts[0]:.1%} (components timed "
+                f"alone), {parts[1]:.1%} (end to end)",
+            )
+        )
+    lines = ["| check | measured | reference |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"

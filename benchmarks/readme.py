@@ -1,13 +1,15 @@
 """``python -m benchmarks readme``: regenerate the README's results tables from committed JSON.
 
 Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` markers; the text
-between them is replaced by the table built from ``benchmarks/results/NAME/NAME.json``. A test
+between them is replaced by the table built from ``benchmarks/results/NAME/NAME.json`` (by the
+suite module's ``readme_table(records)`` where it has one, a condensed view). A test
 checks that the committed README equals what this command would write.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from pathlib import Path
 
@@ -40,7 +42,9 @@ def render(text: str, results: Path) -> str:
         if name not in TABLE_METRICS or not path.is_file():
             raise ValueError(f"README table {name!r} has no results file {path}")
         records = read_json(path)
-        body = markdown_table(records, metrics=TABLE_METRICS[name])
+        # a suite may condense its table for the README (its full table is NAME.md)
+        custom = getattr(importlib.import_module(f"benchmarks.{name}"), "readme_table", None)
+        body = custom(records) if custom else markdown_table(records, metrics=TABLE_METRICS[name])
         commands = sorted({r["command"] for r in records})
         devices = sorted({r["device"] for r in records})
         note = f"\n_Generated from `benchmarks/results/{name}/{name}.json`; produced by "
