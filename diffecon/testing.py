@@ -95,13 +95,14 @@ def check_mechanism(
     if traces != 1:
         _fail(f"retraced for a second batch of the same shape ({traces} traces)")
 
-    again = jax.jit(mechanism)(bids)
+    # through a closure: a mechanism may be a pytree of arrays, which jit cannot hash
+    again = jax.jit(lambda b: mechanism(b))(bids)
     if not (np.array_equal(out.alloc, again.alloc) and np.array_equal(out.pay, again.pay)):
         _fail("two calls on the same bids gave different outcomes (must be deterministic)")
 
     half = batch_size // 2
     stacked = bids.reshape(2, half, n, d)
-    vm = jax.jit(jax.vmap(mechanism))(stacked)
+    vm = jax.jit(jax.vmap(lambda b: mechanism(b)))(stacked)
     if vm.alloc.shape != (2, half, n, d) or vm.pay.shape != (2, half, n):
         _fail(f"jit(vmap) gave alloc {vm.alloc.shape}, pay {vm.pay.shape}")
     multi = mechanism(stacked)

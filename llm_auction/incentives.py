@@ -24,7 +24,7 @@ from flax import struct
 from jaxtyping import Array, Float
 
 from diffecon.distributions import IndependentValues, Uniform
-from diffecon.outcome import Outcome
+from diffecon.outcome import Outcome, check_bids
 from diffecon.settings import Setting
 from llm_auction.aggregation import aggregate
 from llm_auction.payments import (
@@ -115,6 +115,7 @@ class PositionAuction:
         )
 
     def __call__(self, bids: Float[Array, "*batch agents 1"]) -> Outcome:
+        check_bids(bids, n_bidders=self.log_probs.shape[0], n_items=1)
         flat = bids[..., 0].reshape(-1, bids.shape[-2])
         alloc = jax.vmap(self.allocation)(flat)
         pay = jax.vmap(self.payments)(flat)
