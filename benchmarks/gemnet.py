@@ -32,6 +32,7 @@ from gemnet import (
     load_certificate,
     load_gemnet,
     repair,
+    repair_breakdown,
     save_certificate,
     save_gemnet,
     train_gemnet,
@@ -262,6 +263,22 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
                     milps=cert.stats.get("milps"),
                 )
             )
+            # where the repair's revenue goes (kept elements at higher prices vs switches)
+            breakdown = repair_breakdown(
+                model, mechanism, setting, key=jax.random.key(config.seed + 4), n_samples=200_000
+            )
+            for metric, e in breakdown.items():
+                records.append(
+                    make_record(
+                        **rec,
+                        mechanism=label,
+                        metric=f"repair_{metric}",
+                        value=e.value,
+                        stderr=e.stderr,
+                        n_samples=e.n_samples,
+                        wall_s=0.0,
+                    )
+                )
             # the unrepaired network, for comparison
             base = evaluate(model, setting, key=jax.random.key(config.seed), n_samples=200_000)
             for metric in ("revenue", "over_allocation_rate"):

@@ -8,7 +8,7 @@ independently of the code that built it.
 """
 
 from gemnet.certificate import Certificate, load_certificate, save_certificate
-from gemnet.evaluate import OverAllocationSearch, adversarial_over_allocation
+from gemnet.evaluate import OverAllocationSearch, adversarial_over_allocation, repair_breakdown
 from gemnet.model import GemNet, GemNetConfig, Menus, choose, menu_bounds, menu_utilities
 from gemnet.repair import RepairConfig, RepairedGemNet, RepairError, repair
 from gemnet.train import (
@@ -42,6 +42,7 @@ __all__ = [
     "menu_utilities",
     "over_allocation",
     "repair",
+    "repair_breakdown",
     "save_certificate",
     "save_gemnet",
     "train_gemnet",
