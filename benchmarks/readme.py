@@ -48,7 +48,12 @@ def render(text: str, results: Path) -> str:
         commands = sorted({r["command"] for r in records})
         devices = sorted({r["device"] for r in records})
         note = f"\n_Generated from `benchmarks/results/{name}/{name}.json`; produced by "
-        note += "; ".join(f"`{c}`" for c in commands) + " on " + "; ".join(devices) + "._\n"
+        if len(commands) > 3:  # one command per setting: name one, count the rest
+            shown = f"`{commands[0]}` and {len(commands) - 1} more like it (each record's "
+            shown += "`command` field holds its own)"
+        else:
+            shown = "; ".join(f"`{c}`" for c in commands)
+        note += shown + " on " + "; ".join(devices) + "._\n"
         return f"<!-- results:{name} -->\n{body}{note}<!-- /results:{name} -->"
 
     return re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", table, text, flags=re.S)
