@@ -43,25 +43,12 @@ MENU_RECIPE = (2000, dm.MenuTrainConfig(n_items=64, batch_size=4096))
 # every 200 steps (to 4000 ex post, 2000 BIC). With the weaker schedule of earlier runs (1500
 # steps, rho to 40) ex post networks bought revenue above the optimum with regret ~1e-3.
 MARKET_STEPS = 40_000
+_MARKET_BASE = dm.MarketTrainConfig(
+    hidden=48, batch_size=128, misreport_grid=24, bic_types=64, learning_rate=2e-3, rho_every=200
+)
 MARKET_RECIPES = {
-    "expost": dm.MarketTrainConfig(
-        hidden=48,
-        batch_size=128,
-        misreport_grid=24,
-        bic_types=64,
-        learning_rate=2e-3,
-        rho_every=200,
-        rho_increment=20.0,
-    ),
-    "bic": dm.MarketTrainConfig(
-        hidden=48,
-        batch_size=128,
-        misreport_grid=24,
-        bic_types=64,
-        learning_rate=2e-3,
-        rho_every=200,
-        rho_increment=10.0,
-    ),
+    "expost": dataclasses.replace(_MARKET_BASE, rho_increment=20.0),
+    "bic": dataclasses.replace(_MARKET_BASE, rho_increment=10.0),
 }
 QUICK_MENU = (100, dm.MenuTrainConfig(n_items=16, batch_size=1024))
 QUICK_MARKET = (60, dm.MarketTrainConfig(hidden=16, batch_size=32, misreport_grid=8, bic_types=16))

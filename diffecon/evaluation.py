@@ -42,7 +42,7 @@ class Estimate:
 
     def within(self, target: float, n_se: float = 3.0, atol: float = 0.0) -> bool:
         """True if ``target`` lies within ``n_se`` standard errors (plus ``atol``) of the mean."""
-        return abs(self.value - target) <= n_se * self.stderr + atol
+        return bool(abs(self.value - target) <= n_se * self.stderr + atol)
 
     def __str__(self) -> str:
         return f"{self.value:.6g} ± {self.stderr:.2g} (n={self.n_samples})"
