@@ -221,3 +221,24 @@ def test_committed_revenue_results_meet_the_spec():
     rn1 = by[("additive_1x2_uniform", "regretnet", "revenue")]
     assert abs(rn1["value"] - 0.549201) <= 0.01
     assert by[("additive_1x2_uniform", "regretnet", "regret_mean")]["value"] < 1e-3
+
+
+def test_committed_datamarket_rows_meet_the_spec():
+    """Every two-buyer row of the spec's table, ex post and BIC: within 3% of its optimum, regret,
+    obedience and IR violations at most 1e-3, on the sample sizes the README states."""
+    import datamarket as dm
+
+    records = _records(readme.RESULTS_DIR / "datamarket" / "datamarket.json")
+    by = {(r["setting"], r["mechanism"], r["metric"]): r for r in records}
+    rows = [name for name in dm.MARKET_SETTINGS if name.startswith("dm_2_")]
+    assert len(rows) == 28
+    for name in rows:
+        learned = by[(name, "learned", "revenue")]
+        optimal = by[(name, "optimal", "revenue")]
+        assert learned["n_samples"] >= 200_000 and optimal["n_samples"] >= 200_000
+        assert abs(learned["value"] / optimal["value"] - 1) <= 0.03, name
+        assert abs(optimal["value"] - dm.MARKET_SETTINGS[name].optimum) <= 0.01, name
+        regret = by[(name, "learned", "regret")]
+        assert regret["n_samples"] >= 300 and regret["value"] <= 1e-3, name
+        for metric in ("obedience_violation", "ir_violation"):
+            assert by[(name, "learned", metric)]["value"] <= 1e-3, (name, metric)
