@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +49,7 @@ from diffecon.distributions import Exponential, IndependentValues, Marginal, Uni
 from diffecon.evaluation import Estimate, mean_estimate
 from diffecon.outcome import Outcome, check_bids
 from diffecon.regret import RegretConfig, misreport_utility, regret_search
+from diffecon.regretnet import MLP
 from diffecon.settings import Setting
 from diffecon.training import (
     TrainConfig,
@@ -350,21 +350,6 @@ def _as_outcome(market: MarketOutcome, setting: MarketSetting) -> Outcome:
 # The learned mechanism (RegretNet style).
 
 
-class _MLP(nnx.Module):
-    def __init__(self, n_in: int, n_out: int, *, hidden: int, layers: int, rngs: nnx.Rngs):
-        init = nnx.initializers.glorot_uniform()
-        sizes = [n_in] + [hidden] * layers
-        self.hidden = nnx.List(
-            [nnx.Linear(a, b, kernel_init=init, rngs=rngs) for a, b in itertools.pairwise(sizes)]
-        )
-        self.out = nnx.Linear(sizes[-1], n_out, kernel_init=init, rngs=rngs)
-
-    def __call__(self, x):
-        for layer in self.hidden:
-            x = jax.nn.leaky_relu(layer(x))
-        return self.out(x)
-
-
 class MarketNet(nnx.Module):
     """Experiments and payments of every buyer from the value profile.
 
@@ -388,9 +373,13 @@ class MarketNet(nnx.Module):
         n, s = setting.n_buyers, setting.n_states
         self.setting = setting
         self.input_scale = tuple(_value_scale(setting.marginal(i)) for i in range(n))
-        self.experiment_net = _MLP(n, n * s * s, hidden=hidden, layers=layers, rngs=rngs)
+        self.experiment_net = MLP(
+            n, n * s * s, hidden=hidden, layers=layers, rngs=rngs, activation=jax.nn.leaky_relu
+        )
         n_pay_in = 1 if setting.incentive == "bic" else n
-        self.pay_net = _MLP(n_pay_in, n, hidden=hidden, layers=layers, rngs=rngs)
+        self.pay_net = MLP(
+            n_pay_in, n, hidden=hidden, layers=layers, rngs=rngs, activation=jax.nn.leaky_relu
+        )
 
     def market_outcome(self, bids: Float[Array, "*batch buyers 1"]) -> MarketOutcome:
         setting = self.setting

@@ -48,8 +48,21 @@ __all__ = [
 ]
 
 
-class _MLP(nnx.Module):
-    def __init__(self, n_in: int, n_out: int, *, hidden: int, layers: int, rngs: nnx.Rngs):
+class MLP(nnx.Module):
+    """``layers`` hidden layers of width ``hidden`` (Glorot init) with ``activation``, then a linear
+    output; shared by RegretNet and the data-market networks."""
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        *,
+        hidden: int,
+        layers: int,
+        rngs: nnx.Rngs,
+        activation=jnp.tanh,
+    ):
+        self.activation = activation
         init = nnx.initializers.glorot_uniform()
         sizes = [n_in] + [hidden] * layers
         self.hidden = nnx.List(
@@ -59,7 +72,7 @@ class _MLP(nnx.Module):
 
     def __call__(self, x):
         for layer in self.hidden:
-            x = jnp.tanh(layer(x))
+            x = self.activation(layer(x))
         return self.out(x)
 
 
@@ -94,8 +107,8 @@ class RegretNet(nnx.Module):
         self.n_bidders, self.n_items, self.valuation = n_bidders, n_items, valuation
         n, m = n_bidders, n_items
         n_alloc = (n + 1) * m + (n * (m + 1) if valuation == "unit_demand" else 0)
-        self.alloc_net = _MLP(n * m, n_alloc, hidden=hidden, layers=layers, rngs=rngs)
-        self.pay_net = _MLP(n * m, n, hidden=hidden, layers=layers, rngs=rngs)
+        self.alloc_net = MLP(n * m, n_alloc, hidden=hidden, layers=layers, rngs=rngs)
+        self.pay_net = MLP(n * m, n, hidden=hidden, layers=layers, rngs=rngs)
 
     @classmethod
     def for_setting(cls, setting: Setting, config: RegretNetConfig, *, rngs: nnx.Rngs) -> RegretNet:
