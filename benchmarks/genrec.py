@@ -50,6 +50,8 @@ class GenRecBenchConfig:
       gemrec_steps: sequence-model training steps.
       sasrec_steps: SASRec training steps.
       beam: beam width (lists of this length; Recall/NDCG up to @10).
+      exclude_seen: rank only items the user has not been shown before the target (the usual
+        full-ranking protocol, e.g. RecBole's), for every model alike.
       timing_repeats: timed decodes of all test users (the median is reported).
       seed: seeds training, the market and the flag draws.
       out: output folder.
@@ -66,6 +68,7 @@ class GenRecBenchConfig:
     gemrec_steps: int = 3000
     sasrec_steps: int = 3000
     beam: int = 10
+    exclude_seen: bool = True
     timing_repeats: int = 5
     seed: int = 0
     out: str = "out/genrec"
@@ -261,15 +264,11 @@ def run(config: GenRecBenchConfig) -> list[dict[str, Any]]:
     record("sasrec", "train_wall_s", s_meta.get("train_wall_s", float("nan")))
 
     # baselines
+    seen = split.seen("test", data.n_items) if config.exclude_seen else None
+    popular = genrec.popularity_ranking(split, data.n_items, k=config.beam, exclude=seen)
     for name, ranked in (
-        ("sasrec", genrec.sasrec_ranking(sasrec_model, split, "test", k=config.beam)),
-        (
-            "popularity",
-            np.broadcast_to(
-                genrec.popularity_ranking(split, data.n_items, k=config.beam),
-                (split.n_users, config.beam),
-            ),
-        ),
+        ("sasrec", genrec.sasrec_ranking(sasrec_model, split, "test", k=config.beam, exclude=seen)),
+        ("popularity", np.broadcast_to(popular, (split.n_users, config.beam))),
     ):
         per_user = genrec.ranking_metrics(ranked, targets)
         per_user["ndcg10_organic"] = np.where(target_is_ad, np.nan, per_user["ndcg10"])
@@ -283,6 +282,7 @@ def run(config: GenRecBenchConfig) -> list[dict[str, Any]]:
     users = jnp.arange(split.n_users)
     history = jnp.asarray(inputs[:, col : col + h])
     uniform = jax.random.uniform(jax.random.key(config.seed + 7), (split.n_users,))
+    exclude = None if seen is None else jnp.asarray(seen)
     graphdef, params = nnx.split(gemrec_model)
 
     def decode_fn(params, users, history, bids, uniform, lam):
@@ -295,6 +295,7 @@ def run(config: GenRecBenchConfig) -> list[dict[str, Any]]:
             trie=trie,
             lam=lam,
             beam=config.beam,
+            exclude=exclude,
         )
 
     def auction_fn(params, users, history, bids, lam):
@@ -305,8 +306,8 @@ def run(config: GenRecBenchConfig) -> list[dict[str, Any]]:
             bids,
             trie=trie,
             lam=lam,
-            beam=config.beam,
             bisection_steps=20,
+            exclude=exclude,
         )
 
     decode = jax.jit(decode_fn)
@@ -335,6 +336,67 @@ def run(config: GenRecBenchConfig) -> list[dict[str, Any]]:
         # the auction re-runs the <AD> search: its winner must be the ad the decode shows
         per_user["auction_mismatch"] = (is_ad & (np.asarray(pay.ad) != items[:, 0])).astype(float)
         return per_user
+
+    # paired with the baselines on the same users (organic targets): GEM-Rec decoding under
+    # <ORG> (lambda-free, TIGER's constrained beam search); validation targets too, since one
+    # split's comparison moves by more than its SE from one training run to the next
+    @jax.jit
+    def organic_decode(params, users, history, exclude):
+        n = users.shape[0]
+        return genrec.constrained_beam_search(
+            nnx.merge(graphdef, params),
+            users,
+            history,
+            jnp.zeros(n),
+            trie=trie,
+            beam=config.beam,
+            flag=jnp.zeros(n, bool),
+            exclude=exclude,
+        )
+
+    for which in ("test", "valid"):
+        w_targets, w_is_ad = split.targets(which)
+        w_col = split.target_column(which)
+        w_seen = split.seen(which, data.n_items) if config.exclude_seen else None
+        organic = ~w_is_ad
+        decoded = organic_decode(
+            params,
+            users,
+            jnp.asarray(inputs[:, w_col : w_col + h]),
+            None if w_seen is None else jnp.asarray(w_seen),
+        )
+        ours = genrec.ranking_metrics(np.asarray(decoded.items), w_targets)["ndcg10"][organic]
+        theirs = {
+            "sasrec": genrec.sasrec_ranking(
+                sasrec_model, split, which, k=config.beam, exclude=w_seen
+            ),
+            "popularity": np.broadcast_to(
+                genrec.popularity_ranking(split, data.n_items, k=config.beam, exclude=w_seen),
+                (split.n_users, config.beam),
+            ),
+        }
+        suffix = "" if which == "test" else "_valid"
+        record_estimates(
+            f"gemrec_organic{suffix}", {"ndcg10_organic": mean_estimate(ours)}, targets=which
+        )
+        for name, ranked in theirs.items():
+            ndcg = genrec.ranking_metrics(ranked, w_targets)["ndcg10"][organic]
+            mech = f"gemrec_organic_vs_{name}{suffix}"
+            if which == "valid":
+                record_estimates(
+                    f"{name}{suffix}", {"ndcg10_organic": mean_estimate(ndcg)}, targets=which
+                )
+            diff = mean_estimate(ours - ndcg)
+            record(
+                mech, "ndcg10_difference", diff.value, diff.stderr, diff.n_samples, targets=which
+            )
+            record(
+                mech,
+                "ndcg10_ratio",
+                float(ours.mean() / ndcg.mean()),
+                n=int(organic.sum()),
+                targets=which,
+            )
 
     sweep: dict[float, dict[str, np.ndarray]] = {}
     for lam in config.lambdas:
@@ -444,6 +506,8 @@ def _print_summary(records) -> None:
             "high_value_share",
             "revenue_ratio_vs_lambda0",
             "ndcg10_change_vs_lambda0",
+            "ndcg10_difference",
+            "ndcg10_ratio",
             "users_per_s",
             "compile_s",
             "codebook_usage",

@@ -27,6 +27,7 @@ from genrec.decoding import (
     bid_bonus,
     build_trie,
     constrained_beam_search,
+    live_states,
     prefix_max_bid,
 )
 from genrec.metrics import market_metrics, ranking_metrics, summarize
@@ -81,6 +82,7 @@ __all__ = [
     "embed_texts",
     "event_tokens",
     "gemrec_inputs",
+    "live_states",
     "load_minilm",
     "load_model",
     "load_movielens_100k",

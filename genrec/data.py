@@ -338,6 +338,15 @@ class Split:
         col = self.target_column(which)
         return self.events[:, col], self.is_ad[:, col]
 
+    def seen(self, which: str, n_items: int) -> Bool[np.ndarray, "users items"]:
+        """``[users, items]`` True for the items a user was shown before the test/validation
+        target (what full-ranking evaluation usually excludes from the ranked lists)."""
+        col = self.target_column(which)
+        out = np.zeros((self.n_users, n_items), bool)
+        users, cols = np.nonzero(self.events[:, :col] >= 0)
+        out[users, self.events[users, cols]] = True
+        return out
+
     def histories(
         self, which: str, length: int
     ) -> tuple[Int[np.ndarray, "users length"], Bool[np.ndarray, "users length"]]:

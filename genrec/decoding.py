@@ -1,23 +1,32 @@
-"""Trie-constrained beam search over semantic IDs, plain (TIGER) and bid-aware (GEM-Rec).
+"""Trie-constrained decoding over semantic IDs, plain (TIGER) and bid-aware (GEM-Rec).
 
 The valid IDs form a trie stored as a dense transition table ``T[state, code] -> next state``
 (``-1``: no such child) with two roots: one for the organic catalogue (every item) and one for the
 live ad inventory (sponsored items only). ``B[state]``, the largest bid among the ads under a
 prefix, is a segment max of the bids over the ads' trie paths. Both are arrays, so the whole decode
-(flag, ``levels`` unrolled beam steps, deterministic top-k) is static-shaped and runs inside one
-``jax.jit``, batched over users. These functions do not jit; callers do.
+is static-shaped and runs inside one ``jax.jit``, batched over users. These functions do not jit;
+callers do.
+
+* Under ``<ORG>``: a beam search over the catalogue trie (``levels`` unrolled steps,
+  deterministic top-k, ties to the lower flat index, beam-major then code). No bid enters.
+* Under ``<AD>``: the ad inventory is small, so it is decoded *exactly*: every live ad's ID is
+  scored in one teacher-forced decoder pass (a beam search of unlimited width) and the top-k
+  taken, ties to the lower ad index. Exactness is what makes the allocation monotone: with a beam
+  of limited width, raising ``b_i`` lifts every prefix ``i`` shares into the beam and can let a
+  sibling of ``i`` that the narrower search had pruned overtake it (the monotonicity property test
+  found such cases).
 
 Bid-aware decoding (GEM-Rec), with ``g(b) = log(1 + b)``:
 
 * slot: ``z_AD += lam * g(b_max)`` (``b_max`` the highest live bid); the flag is then drawn from
   the two-way softmax with the caller's uniform ``u`` (``<AD>`` iff ``u < P(AD)``), a hard
   commitment;
-* item, only under ``<AD>``: a candidate code's score (the beam's summed log-probability) gets
-  ``+ lam * g(B(prefix))`` for the prefix it completes.
+* item, only under ``<AD>``: an ad's score (its ID's log-probability) gets
+  ``+ lam * g(B(prefix))`` for each prefix along its ID, the level-wise bonus of the paper.
 
-Ties in the top-k are broken by the lower flat index (beam-major, then code), so the decode is
-deterministic. With ``lam = 0`` every bonus is an exact ``+ 0.0`` and the decode equals
-:func:`constrained_beam_search`; under ``<ORG>`` no bid enters at all.
+Raising ``b_i`` raises ``B`` only on ``i``'s own prefixes, so ``i``'s score gains at least what
+any rival's gains, and the exact top-1 stays ``i`` (GEM-Rec's Proposition 1). With ``lam = 0``
+every bonus is an exact ``+ 0.0`` and the decode equals :func:`constrained_beam_search`.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ __all__ = [
     "bid_bonus",
     "build_trie",
     "constrained_beam_search",
+    "live_states",
     "prefix_max_bid",
 ]
 
@@ -48,6 +58,9 @@ class ItemTrie:
     Attributes:
       transitions: ``[states, K]`` next state after a code (``-1``: invalid).
       leaf_item: ``[states]`` the item a complete ID names (``-1`` for inner states).
+      org_paths: ``[items, levels]`` the organic-trie state after each level of an item's ID.
+      ad_items: ``[ads]`` the sponsored items, in index order.
+      ad_codes: ``[ads, levels]`` their IDs.
       ad_paths: ``[items, levels]`` the ad-trie state after each level of a sponsored item's ID
         (``states``, out of range, for items that do not advertise).
       root_org: the organic root state.
@@ -57,6 +70,9 @@ class ItemTrie:
 
     transitions: Int[Array, "states codes"]
     leaf_item: Int[Array, " states"]
+    org_paths: Int[Array, "items levels"]
+    ad_items: Int[Array, " ads"]
+    ad_codes: Int[Array, "ads levels"]
     ad_paths: Int[Array, "items levels"]
     root_org: int = struct.field(pytree_node=False)
     root_ad: int = struct.field(pytree_node=False)
@@ -112,6 +128,7 @@ def build_trie(
     children: list[dict[int, int]] = [{}, {}]  # state 0: organic root, state 1: ad root
     leaf = [-1, -1]
     paths = np.full((n_items, levels), -1, np.int64)
+    org_paths = np.zeros((n_items, levels), np.int64)
 
     def insert(root: int, item: int) -> list[int]:
         state, visited = root, []
@@ -128,7 +145,7 @@ def build_trie(
         return visited
 
     for item in range(n_items):
-        insert(0, item)
+        org_paths[item] = insert(0, item)
     for item in np.flatnonzero(sponsored):
         paths[item] = insert(1, int(item))
     n_states = len(children)
@@ -140,6 +157,9 @@ def build_trie(
     return ItemTrie(
         transitions=jnp.asarray(table),
         leaf_item=jnp.asarray(np.asarray(leaf, np.int32)),
+        org_paths=jnp.asarray(org_paths.astype(np.int32)),
+        ad_items=jnp.asarray(np.flatnonzero(sponsored).astype(np.int32)),
+        ad_codes=jnp.asarray(codes[sponsored].astype(np.int32)),
         ad_paths=jnp.asarray(paths.astype(np.int32)),
         root_org=0,
         root_ad=1,
@@ -162,6 +182,23 @@ def prefix_max_bid(
     return jax.vmap(one)(flat).reshape(*bids.shape[:-1], trie.n_states)
 
 
+def live_states(
+    trie: ItemTrie, exclude: Bool[Array, "*batch items"]
+) -> Bool[Array, "*batch states"]:
+    """Which trie states still lead to an item outside ``exclude`` (e.g. items already seen)."""
+    segments = jnp.concatenate([trie.org_paths.reshape(-1), trie.ad_paths.reshape(-1)])
+
+    def one(ex):
+        keep = jnp.repeat(~ex, trie.levels).astype(jnp.int32)
+        count = jax.ops.segment_sum(
+            jnp.concatenate([keep, keep]), segments, num_segments=trie.n_states + 1
+        )
+        return count[:-1] > 0
+
+    flat = exclude.reshape(-1, exclude.shape[-1])
+    return jax.vmap(one)(flat).reshape(*exclude.shape[:-1], trie.n_states)
+
+
 def bid_bonus(
     bids: Float[Array, "*batch"], lam: Float[Array, ""] | float
 ) -> Float[Array, "*batch"]:
@@ -180,8 +217,9 @@ def _encode(model: GemRec, users, history):
     return model.cross_kv(memory), valid
 
 
-def _beam(model: GemRec, cross_kv, valid, is_ad, trie: ItemTrie, beam: int, bonus):
-    """Constrained beam search under given flags; ``bonus [batch, states]`` added under AD."""
+def _beam(model: GemRec, cross_kv, valid, trie: ItemTrie, beam: int, live=None):
+    """Beam search over the catalogue trie under ``<ORG>``; ``live [batch, states]``
+    (optional) prunes states with no allowed item below them."""
     batch = valid.shape[0]
     k = trie.transitions.shape[1]
     levels = trie.levels
@@ -189,10 +227,8 @@ def _beam(model: GemRec, cross_kv, valid, is_ad, trie: ItemTrie, beam: int, bonu
     kv = jax.tree.map(lambda a: a[:, None], cross_kv)
     val = valid[:, None]
     tokens = jnp.full((batch, beam, levels + 1), PAD, jnp.int32)
-    tokens = tokens.at[..., 0].set(BOS).at[..., 1].set(jnp.where(is_ad, AD, ORG)[:, None])
-    state = jnp.broadcast_to(
-        jnp.where(is_ad, trie.root_ad, trie.root_org)[:, None], (batch, beam)
-    ).astype(jnp.int32)
+    tokens = tokens.at[..., 0].set(BOS).at[..., 1].set(ORG)
+    state = jnp.full((batch, beam), trie.root_org, jnp.int32)
     score = jnp.where(jnp.arange(beam) == 0, 0.0, -jnp.inf) * jnp.ones((batch, 1))
     flat_index = jnp.broadcast_to(jnp.arange(beam * k), (batch, beam * k))
     for level in range(levels):
@@ -201,13 +237,12 @@ def _beam(model: GemRec, cross_kv, valid, is_ad, trie: ItemTrie, beam: int, bonu
         logp = jax.nn.log_softmax(logits, axis=-1)
         logp = logp[..., FIRST_CODE + level * k : FIRST_CODE + (level + 1) * k]
         nxt = trie.transitions[state]  # [batch, beam, K]
-        cand = score[..., None] + logp
-        if bonus is not None:
-            add = jnp.take_along_axis(
-                bonus, jnp.maximum(nxt, 0).reshape(batch, beam * k), axis=-1
+        ok = nxt >= 0
+        if live is not None:
+            ok = ok & jnp.take_along_axis(
+                live, jnp.maximum(nxt, 0).reshape(batch, beam * k), axis=-1
             ).reshape(batch, beam, k)
-            cand = jnp.where(is_ad[:, None, None], cand + add, cand)
-        cand = jnp.where(nxt >= 0, cand, -jnp.inf).reshape(batch, beam * k)
+        cand = jnp.where(ok, score[..., None] + logp, -jnp.inf).reshape(batch, beam * k)
         neg, order = jax.lax.sort((-cand, flat_index), dimension=-1, num_keys=2)
         top, score = order[:, :beam], -neg[:, :beam]
         parent, code = top // k, top % k
@@ -219,6 +254,63 @@ def _beam(model: GemRec, cross_kv, valid, is_ad, trie: ItemTrie, beam: int, bonu
     return items, score
 
 
+def _ad_log_probs(model: GemRec, cross_kv, valid, trie: ItemTrie, chunk: int = 32):
+    """``[batch, ads]`` log P(ad's ID | history, <AD>), teacher-forced, ``chunk`` users at once."""
+    k, levels = trie.transitions.shape[1], trie.levels
+    targets = FIRST_CODE + jnp.arange(levels) * k + trie.ad_codes  # [ads, levels]
+    n_ads = targets.shape[0]
+    inputs = jnp.concatenate(
+        [jnp.full((n_ads, 1), BOS), jnp.full((n_ads, 1), AD), targets[:, :-1]], axis=1
+    ).astype(jnp.int32)
+
+    def one(args):
+        kv, val = args
+        kv = jax.tree.map(lambda a: a[None], kv)  # broadcast over the ads
+        logits = model.decode(kv, val[None], inputs)[:, 1:, :]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], axis=-1)
+
+    return jax.lax.map(one, (cross_kv, valid), batch_size=chunk)
+
+
+def _ad_scores(ad_logp, trie: ItemTrie, bonus, live):
+    """Exact scores of every ad: log-probability plus the bonus of each prefix on its path
+    (summed level by level), ``-inf`` for excluded ads."""
+    score = ad_logp
+    if bonus is not None:
+        paths = trie.ad_paths[trie.ad_items]  # [ads, levels]
+        for level in range(trie.levels):
+            score = score + jnp.take(bonus, paths[:, level], axis=-1)
+    if live is not None:
+        leaves = trie.ad_paths[trie.ad_items, -1]
+        score = jnp.where(jnp.take(live, leaves, axis=-1), score, -jnp.inf)
+    return score
+
+
+def _top_ads(score, trie: ItemTrie, beam: int):
+    """The ``beam`` best ads (ties to the lower ad index) and their scores."""
+    n_ads = score.shape[-1]
+    width = min(beam, n_ads)
+    index = jnp.broadcast_to(jnp.arange(n_ads), score.shape)
+    neg, order = jax.lax.sort((-score, index), dimension=-1, num_keys=2)
+    top, best = order[:, :width], -neg[:, :width]
+    items = jnp.where(jnp.isfinite(best), trie.ad_items[top], -1)
+    if width < beam:
+        pad = beam - width
+        items = jnp.pad(items, ((0, 0), (0, pad)), constant_values=-1)
+        best = jnp.pad(best, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    return items, best
+
+
+def _decode_items(model, cross_kv, valid, is_ad, trie, beam, bonus, live):
+    org_items, org_scores = _beam(model, cross_kv, valid, trie, beam, live)
+    ad_items, ad_scores = _top_ads(
+        _ad_scores(_ad_log_probs(model, cross_kv, valid, trie), trie, bonus, live), trie, beam
+    )
+    flag = is_ad[:, None]
+    return jnp.where(flag, ad_items, org_items), jnp.where(flag, ad_scores, org_scores)
+
+
 def constrained_beam_search(
     model: GemRec,
     users: Int[Array, " batch"],
@@ -228,17 +320,21 @@ def constrained_beam_search(
     trie: ItemTrie,
     beam: int,
     flag: Bool[Array, " batch"] | None = None,
+    exclude: Bool[Array, "batch items"] | None = None,
 ) -> Decoded:
     """Plain constrained decoding (TIGER with GEM-Rec's flag): no bids anywhere.
 
     The flag is ``<AD>`` iff ``uniform < P(AD | history)`` unless ``flag`` forces it; the items
-    come from a beam search restricted to the organic or the ad trie accordingly.
+    come from the beam search over the catalogue, or the exact top-``beam`` of the ad inventory,
+    accordingly, restricted to items outside ``exclude`` when it is given (e.g. the user's
+    history, as in full-ranking evaluation).
     """
     cross_kv, valid = _encode(model, users, history)
     z_org, z_ad = _flag_logits(model, cross_kv, valid)
     p_ad = jax.nn.sigmoid(z_ad - z_org)
     is_ad = uniform < p_ad if flag is None else flag
-    items, scores = _beam(model, cross_kv, valid, is_ad, trie, beam, None)
+    live = None if exclude is None else live_states(trie, exclude)
+    items, scores = _decode_items(model, cross_kv, valid, is_ad, trie, beam, None, live)
     return Decoded(is_ad=is_ad, p_ad=p_ad, items=items, scores=scores)
 
 
@@ -253,6 +349,7 @@ def bid_aware_beam_search(
     lam: Float[Array, ""] | float,
     beam: int,
     flag: Bool[Array, " batch"] | None = None,
+    exclude: Bool[Array, "batch items"] | None = None,
 ) -> Decoded:
     """GEM-Rec's bid-aware decoding (see the module docstring).
 
@@ -266,12 +363,18 @@ def bid_aware_beam_search(
       lam: bid weight ``lambda >= 0``.
       beam: beam width (the length of the returned lists).
       flag: force the flag instead of drawing it (``p_ad`` is still reported).
+      exclude: ``[batch, items]`` items never decoded for that user (e.g. already seen); an
+        excluded ad is not in the user's live inventory, so its bid counts nowhere.
     """
     cross_kv, valid = _encode(model, users, history)
     z_org, z_ad = _flag_logits(model, cross_kv, valid)
+    live = None
+    if exclude is not None:
+        bids = jnp.where(exclude, 0.0, bids)
+        live = live_states(trie, exclude)
     b_max = jnp.max(bids, axis=-1)
     p_ad = jax.nn.sigmoid(z_ad + bid_bonus(b_max, lam) - z_org)
     is_ad = uniform < p_ad if flag is None else flag
     bonus = bid_bonus(prefix_max_bid(trie, bids), lam)
-    items, scores = _beam(model, cross_kv, valid, is_ad, trie, beam, bonus)
+    items, scores = _decode_items(model, cross_kv, valid, is_ad, trie, beam, bonus, live)
     return Decoded(is_ad=is_ad, p_ad=p_ad, items=items, scores=scores)

@@ -18,9 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
-from genrec.decoding import ItemTrie, _beam, _encode, _flag_logits, bid_bonus, prefix_max_bid
+from genrec.decoding import (
+    ItemTrie,
+    _ad_log_probs,
+    _ad_scores,
+    _encode,
+    _flag_logits,
+    bid_bonus,
+    live_states,
+    prefix_max_bid,
+)
 from genrec.model import GemRec
 
 __all__ = ["AdPayments", "ad_auction"]
@@ -60,26 +69,33 @@ def ad_auction(
     *,
     trie: ItemTrie,
     lam: Float[Array, ""] | float,
-    beam: int,
     bisection_steps: int = 30,
     quadrature_nodes: int = 16,
+    exclude: Bool[Array, "batch items"] | None = None,
 ) -> AdPayments:
-    """Each user's winning ad under ``<AD>``, its critical bid and its payments.
+    """Each user's winning ad under ``<AD>`` (the exact top-1 of the bid-aware decode), its
+    critical bid and its payments.
 
     ``bisection_steps`` halvings of ``[0, bid]`` locate the critical bid to ``bid / 2^steps``
-    (the reported critical bid is the upper end, at which the ad is still top-1).
+    (the reported critical bid is the upper end, at which the ad is still top-1). ``exclude``
+    is :func:`genrec.bid_aware_beam_search`'s (excluded ads bid nothing and never win).
     """
+    live = None
+    if exclude is not None:
+        bids = jnp.where(exclude, 0.0, bids)
+        live = live_states(trie, exclude)
     cross_kv, valid = _encode(model, users, history)
     z_org, z_ad = _flag_logits(model, cross_kv, valid)
     batch = bids.shape[0]
     rows = jnp.arange(batch)
-    forced_ad = jnp.ones((batch,), bool)
+    # the network's part of every ad's score does not depend on bids: computed once
+    ad_logp = _ad_log_probs(model, cross_kv, valid, trie)
 
     def top1(b):
-        items, _ = _beam(
-            model, cross_kv, valid, forced_ad, trie, beam, bid_bonus(prefix_max_bid(trie, b), lam)
-        )
-        return items[:, 0]
+        score = _ad_scores(ad_logp, trie, bid_bonus(prefix_max_bid(trie, b), lam), live)
+        best = jnp.argmax(score, axis=-1)  # the first maximum: ties to the lower ad index
+        found = jnp.isfinite(jnp.take_along_axis(score, best[:, None], axis=-1)[:, 0])
+        return jnp.where(found, trie.ad_items[best], -1)
 
     ad = top1(bids)
     own = bids[rows, jnp.maximum(ad, 0)]

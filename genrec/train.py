@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from diffecon.training import (
     TrainConfig,
@@ -228,19 +228,46 @@ def train_sasrec(
     return _fit_sequence_model(model, loss, sample, data, config, optim, train_config)
 
 
-def sasrec_ranking(model: SASRec, split: Split, which: str, *, k: int = 10) -> np.ndarray:
-    """``[users, k]`` SASRec's top-``k`` items for the test or validation targets."""
+def sasrec_ranking(
+    model: SASRec,
+    split: Split,
+    which: str,
+    *,
+    k: int = 10,
+    exclude: Bool[np.ndarray, "users items"] | None = None,
+) -> np.ndarray:
+    """``[users, k]`` SASRec's top-``k`` items for the test or validation targets, never an
+    item of ``exclude`` (e.g. :meth:`Split.seen`)."""
     col = split.target_column(which)
     items = jnp.asarray(window(split.events, col, model.config.history))
     logits = jax.jit(lambda m, x: m(x)[:, -1])(model, items)
+    if exclude is not None:
+        logits = jnp.where(jnp.asarray(exclude), -jnp.inf, logits)
     return np.asarray(jax.lax.top_k(logits, k)[1])
 
 
-def popularity_ranking(split: Split, n_items: int, *, k: int = 10) -> np.ndarray:
-    """``[k]`` the items most often seen before the validation targets (ties: lower index)."""
+def popularity_ranking(
+    split: Split,
+    n_items: int,
+    *,
+    k: int = 10,
+    exclude: Bool[np.ndarray, "users items"] | None = None,
+) -> np.ndarray:
+    """The items most often seen before the validation targets (ties: lower index): ``[k]``,
+    or ``[users, k]`` skipping each user's ``exclude`` items when it is given (``-1`` pads a
+    list when fewer than ``k`` items are left)."""
     train = split.events[:, : split.target_column("valid")]
     counts = np.bincount(train[train >= 0], minlength=n_items)
-    return np.argsort(-counts, kind="stable")[:k]
+    order = np.argsort(-counts, kind="stable")
+    if exclude is None:
+        return order[:k]
+    exclude = np.asarray(exclude, bool)
+    if exclude.shape != (split.n_users, n_items):
+        raise ValueError(f"exclude must be [{split.n_users}, {n_items}], got {exclude.shape}")
+    keep = ~exclude[:, order]
+    # the first k kept positions of each row, in popularity order
+    ranks = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.where(np.take_along_axis(keep, ranks, axis=1), order[ranks], -1)
 
 
 def save_model(model: nnx.Module, directory: str | Path, *, meta: dict[str, Any]) -> Path:

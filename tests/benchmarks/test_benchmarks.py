@@ -141,6 +141,14 @@ def test_genrec_quick_smoke_run(tmp_path):
     )
     assert by[("gemrec_lambda_1", "auction_mismatch")]["value"] == 0
     assert ("gemrec_shock_lambda_1", "high_value_share") in by
+    # the paired organic comparison is over the same users as the baselines' organic rows
+    for suffix in ("", "_valid"):
+        ours = by[(f"gemrec_organic{suffix}", "ndcg10_organic")]["value"]
+        for name in ("sasrec", "popularity"):
+            theirs = by[(f"{name}{suffix}", "ndcg10_organic")]["value"]
+            pair = f"gemrec_organic_vs_{name}{suffix}"
+            assert by[(pair, "ndcg10_ratio")]["value"] == pytest.approx(ours / theirs)
+            assert by[(pair, "ndcg10_difference")]["value"] == pytest.approx(ours - theirs)
     assert by[("gemrec_decode", "users_per_s")]["value"] > 0
     assert by[("gemrec_decode", "compile_s")]["value"] > 0
     assert (out / "genrec_frontier.png").stat().st_size > 1000

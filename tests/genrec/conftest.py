@@ -91,3 +91,72 @@ def forced_ad(tiny):
         return out.p_ad, out.items[:, 0]
 
     return decode
+
+
+@pytest.fixture(scope="session")
+def decoders(tiny):
+    """``(params, bid_aware, bid_aware_sampled, plain, plain_forced)``, jitted; the forced-flag
+    ones take an optional ``exclude [n, items]``."""
+    graphdef, params = nnx.split(tiny.model)
+
+    @jax.jit
+    def bid_aware(params, users, hist, bids, u, lam, flag, exclude=None):
+        return genrec.bid_aware_beam_search(
+            nnx.merge(graphdef, params),
+            users,
+            hist,
+            bids,
+            u,
+            trie=tiny.trie,
+            lam=lam,
+            beam=BEAM,
+            flag=flag,
+            exclude=exclude,
+        )
+
+    @jax.jit
+    def bid_aware_sampled(params, users, hist, bids, u, lam):
+        return genrec.bid_aware_beam_search(
+            nnx.merge(graphdef, params), users, hist, bids, u, trie=tiny.trie, lam=lam, beam=BEAM
+        )
+
+    @jax.jit
+    def plain(params, users, hist, u):
+        return genrec.constrained_beam_search(
+            nnx.merge(graphdef, params), users, hist, u, trie=tiny.trie, beam=BEAM
+        )
+
+    @jax.jit
+    def plain_forced(params, users, hist, u, flag, exclude=None):
+        return genrec.constrained_beam_search(
+            nnx.merge(graphdef, params),
+            users,
+            hist,
+            u,
+            trie=tiny.trie,
+            beam=BEAM,
+            flag=flag,
+            exclude=exclude,
+        )
+
+    return params, bid_aware, bid_aware_sampled, plain, plain_forced
+
+
+@pytest.fixture(scope="session")
+def auction(tiny):
+    """``(users, hist, bids, lam, exclude=None) -> AdPayments``, jitted."""
+    graphdef, params = nnx.split(tiny.model)
+
+    @jax.jit
+    def run(users, hist, bids, lam, exclude=None):
+        return genrec.ad_auction(
+            nnx.merge(graphdef, params),
+            users,
+            hist,
+            bids,
+            trie=tiny.trie,
+            lam=lam,
+            exclude=exclude,
+        )
+
+    return run

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,45 +20,6 @@ def _histories(draw, n, seed):
 
 def _random_bids(draw, n, seed, scale=1.0):
     return draw(n, seed, scale)[2]
-
-
-@pytest.fixture(scope="module")
-def decoders(tiny):
-    graphdef, params = nnx.split(tiny.model)
-
-    @jax.jit
-    def bid_aware(params, users, hist, bids, u, lam, flag):
-        return genrec.bid_aware_beam_search(
-            nnx.merge(graphdef, params),
-            users,
-            hist,
-            bids,
-            u,
-            trie=tiny.trie,
-            lam=lam,
-            beam=BEAM,
-            flag=flag,
-        )
-
-    @jax.jit
-    def bid_aware_sampled(params, users, hist, bids, u, lam):
-        return genrec.bid_aware_beam_search(
-            nnx.merge(graphdef, params), users, hist, bids, u, trie=tiny.trie, lam=lam, beam=BEAM
-        )
-
-    @jax.jit
-    def plain(params, users, hist, u):
-        return genrec.constrained_beam_search(
-            nnx.merge(graphdef, params), users, hist, u, trie=tiny.trie, beam=BEAM
-        )
-
-    @jax.jit
-    def plain_forced(params, users, hist, u, flag):
-        return genrec.constrained_beam_search(
-            nnx.merge(graphdef, params), users, hist, u, trie=tiny.trie, beam=BEAM, flag=flag
-        )
-
-    return params, bid_aware, bid_aware_sampled, plain, plain_forced
 
 
 def test_trie_holds_exactly_the_catalogue_and_the_ads(tiny):
@@ -102,22 +62,40 @@ def test_prefix_max_bid_is_the_max_over_ads_under_each_prefix(tiny, draw):
         np.testing.assert_array_equal(table[row], expect)
 
 
-def _reference_beam(tiny, decode, user, hist, is_ad, beam):
-    """A plain, unbatched beam search over the valid IDs (independent of genrec.decoding)."""
+def _reference_beam(tiny, decode, user, hist, is_ad, beam, exclude=None):
+    """Plain, unbatched decoding independent of genrec.decoding: a beam search over the catalogue
+    under <ORG>, every ad scored exhaustively under <AD>; restricted to the items outside
+    ``exclude`` when it is given."""
     k, levels = tiny.config.codebook_size, tiny.codes.shape[1]
     allowed = np.flatnonzero(tiny.market.sponsored) if is_ad else np.arange(len(tiny.codes))
+    if exclude is not None:
+        allowed = allowed[~exclude[allowed]]
     ids = {tuple(tiny.codes[i]): int(i) for i in allowed}
+
+    def logp(prefix):
+        tokens = [BOS, AD if is_ad else ORG]
+        tokens += [FIRST_CODE + lv * k + c for lv, c in enumerate(prefix)]
+        return np.asarray(decode(user, hist, jnp.asarray(tokens)))
+
+    if is_ad:
+        scored = []
+        for item in allowed:
+            path = tuple(tiny.codes[item])
+            score = sum(
+                np.float64(logp(path[:lv])[FIRST_CODE + lv * k + path[lv]]) for lv in range(levels)
+            )
+            scored.append((-score, int(item)))
+        scored.sort()
+        return [i for _, i in scored[:beam]], [-s for s, _ in scored[:beam]]
     prefixes = {p[:n] for p in ids for n in range(levels + 1)}
     beams = [((), np.float32(0.0))]
     for level in range(levels):
         cands = []
         for b, (prefix, score) in enumerate(beams):
-            tokens = [BOS, AD if is_ad else ORG]
-            tokens += [FIRST_CODE + lv * k + c for lv, c in enumerate(prefix)]
-            logp = np.asarray(decode(user, hist, jnp.asarray(tokens)))
+            lp = logp(prefix)
             for c in range(k):
                 if (*prefix, c) in prefixes:
-                    s = np.float32(score + logp[FIRST_CODE + level * k + c])
+                    s = np.float32(score + lp[FIRST_CODE + level * k + c])
                     cands.append((-s, b * k + c, (*prefix, c), s))
         cands.sort(key=lambda t: (t[0], t[1]))
         beams = [(p, s) for _, _, p, s in cands[:beam]]

@@ -1,26 +1,7 @@
 """First-price and Myerson payments of the ad slot."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from flax import nnx
-
-import genrec
-from tests.genrec.conftest import BEAM
-
-
-@pytest.fixture(scope="module")
-def auction(tiny):
-    graphdef, params = nnx.split(tiny.model)
-
-    @jax.jit
-    def run(users, hist, bids, lam):
-        return genrec.ad_auction(
-            nnx.merge(graphdef, params), users, hist, bids, trie=tiny.trie, lam=lam, beam=BEAM
-        )
-
-    return run
 
 
 def _inputs(draw, n, seed):
