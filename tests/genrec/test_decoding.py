@@ -133,7 +133,7 @@ def test_decodes_are_valid_distinct_and_ads_are_sponsored(tiny, decoders, draw):
         assert all(len(set(row)) == BEAM for row in items.tolist())
         if is_ad:
             assert tiny.market.sponsored[items].all()
-        assert (np.diff(np.asarray(out.scores), axis=1) <= 0).all()
+        assert (np.diff(np.asarray(out.scores, np.float32), axis=1) <= 0).all()
 
 
 def test_lambda_zero_is_plain_constrained_beam_search(tiny, decoders, draw):
