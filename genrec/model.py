@@ -40,7 +40,6 @@ __all__ = [
 PAD, BOS, ORG, AD = 0, 1, 2, 3
 FIRST_CODE = 4
 USER_HASH = 2654435761
-ID_HASH = (2654435761, 2246822519, 3266489917, 668265263, 374761393, 2869860233)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +58,6 @@ class GemRecConfig:
       history: impressions the encoder reads.
       user_buckets: size of the hashed user-token table.
       dropout: dropout rate during training.
-      id_buckets: if > 0, the encoder also adds to each impression a learned vector of its whole
-        semantic ID, looked up in a hashed table of this many rows (a per-item, collaborative
-        input feature; the decoder's vocabulary is unchanged). 0 disables it.
     """
 
     codebook_size: int = 32
@@ -75,7 +71,6 @@ class GemRecConfig:
     history: int = 20
     user_buckets: int = 1024
     dropout: float = 0.1
-    id_buckets: int = 0
 
     @property
     def vocab_size(self) -> int:
@@ -170,7 +165,6 @@ class GemRec(nnx.Module):
             c.vocab_size, c.d_model, embedding_init=nnx.initializers.normal(1.0), rngs=rngs
         )
         self.user = nnx.Embed(c.user_buckets, c.d_model, rngs=rngs)
-        self.ids = nnx.Embed(c.id_buckets, c.d_model, rngs=rngs) if c.id_buckets > 0 else None
         self.encoder_positions = nnx.Embed(c.history + 1, c.d_model, rngs=rngs)
         self.decoder_positions = nnx.Embed(c.levels + 1, c.d_model, rngs=rngs)
         self.encoder = nnx.List([_Block(c, rngs, cross=False) for _ in range(c.encoder_layers)])
@@ -192,8 +186,6 @@ class GemRec(nnx.Module):
         c = self.config
         bucket = (users.astype(jnp.uint32) * jnp.uint32(USER_HASH)) % jnp.uint32(c.user_buckets)
         events = jnp.sum(self.embed(history), axis=-2)
-        if self.ids is not None:
-            events = events + self.ids(_id_bucket(history[..., 1:], c.id_buckets))
         x = jnp.concatenate([self.user(bucket.astype(jnp.int32))[..., None, :], events], axis=-2)
         x = x + self.encoder_positions(jnp.arange(x.shape[-2]))
         valid = jnp.concatenate(
@@ -253,20 +245,6 @@ class GemRec(nnx.Module):
             [jnp.full((*targets.shape[:-1], 1), BOS, targets.dtype), targets[..., :-1]], axis=-1
         )
         return self.decode(self.cross_kv(memory), valid, inputs, key=k_dec)
-
-
-def _id_bucket(code_tokens: Int[Array, "*batch levels"], buckets: int) -> Int[Array, " *batch"]:
-    """A multiplicative hash of a whole semantic ID (its code tokens) into ``buckets`` rows."""
-    levels = code_tokens.shape[-1]
-    if levels > len(ID_HASH):
-        raise ValueError(f"the ID hash covers at most {len(ID_HASH)} levels, got {levels}")
-    mult = jnp.asarray(np.asarray(ID_HASH[:levels], np.uint32))
-    h = jnp.uint32(0)
-    for level in range(levels):
-        h = (h ^ (code_tokens[..., level].astype(jnp.uint32) * mult[level])) * jnp.uint32(
-            2654435769
-        )
-    return ((h >> jnp.uint32(7)) % jnp.uint32(buckets)).astype(jnp.int32)
 
 
 def sequence_loss(
