@@ -302,8 +302,19 @@ def _top_ads(score, trie: ItemTrie, beam: int):
     return items, best
 
 
-def _decode_items(model, cross_kv, valid, is_ad, trie, beam, bonus, live):
-    org_items, org_scores = _beam(model, cross_kv, valid, trie, beam, live)
+def _search_width(beam: int, width: int | None) -> int:
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
+    if width is None:
+        return beam
+    if width < beam:
+        raise ValueError(f"the search width ({width}) must be at least the beam ({beam})")
+    return width
+
+
+def _decode_items(model, cross_kv, valid, is_ad, trie, beam, width, bonus, live):
+    org_items, org_scores = _beam(model, cross_kv, valid, trie, width, live)
+    org_items, org_scores = org_items[:, :beam], org_scores[:, :beam]
     ad_items, ad_scores = _top_ads(
         _ad_scores(_ad_log_probs(model, cross_kv, valid, trie), trie, bonus, live), trie, beam
     )
@@ -321,20 +332,23 @@ def constrained_beam_search(
     beam: int,
     flag: Bool[Array, " batch"] | None = None,
     exclude: Bool[Array, "batch items"] | None = None,
+    width: int | None = None,
 ) -> Decoded:
     """Plain constrained decoding (TIGER with GEM-Rec's flag): no bids anywhere.
 
     The flag is ``<AD>`` iff ``uniform < P(AD | history)`` unless ``flag`` forces it; the items
     come from the beam search over the catalogue, or the exact top-``beam`` of the ad inventory,
     accordingly, restricted to items outside ``exclude`` when it is given (e.g. the user's
-    history, as in full-ranking evaluation).
+    history, as in full-ranking evaluation). ``width`` (default ``beam``) is the organic search's
+    beam width; the best ``beam`` of its results are returned.
     """
+    width = _search_width(beam, width)
     cross_kv, valid = _encode(model, users, history)
     z_org, z_ad = _flag_logits(model, cross_kv, valid)
     p_ad = jax.nn.sigmoid(z_ad - z_org)
     is_ad = uniform < p_ad if flag is None else flag
     live = None if exclude is None else live_states(trie, exclude)
-    items, scores = _decode_items(model, cross_kv, valid, is_ad, trie, beam, None, live)
+    items, scores = _decode_items(model, cross_kv, valid, is_ad, trie, beam, width, None, live)
     return Decoded(is_ad=is_ad, p_ad=p_ad, items=items, scores=scores)
 
 
@@ -350,6 +364,7 @@ def bid_aware_beam_search(
     beam: int,
     flag: Bool[Array, " batch"] | None = None,
     exclude: Bool[Array, "batch items"] | None = None,
+    width: int | None = None,
 ) -> Decoded:
     """GEM-Rec's bid-aware decoding (see the module docstring).
 
@@ -361,11 +376,15 @@ def bid_aware_beam_search(
       uniform: ``[batch]`` U(0, 1) draws that commit the flag.
       trie: the valid IDs.
       lam: bid weight ``lambda >= 0``.
-      beam: beam width (the length of the returned lists).
+      beam: the length of the returned lists (and the default search width).
       flag: force the flag instead of drawing it (``p_ad`` is still reported).
       exclude: ``[batch, items]`` items never decoded for that user (e.g. already seen); an
         excluded ad is not in the user's live inventory, so its bid counts nowhere.
+      width: the organic beam search's width (default ``beam``; the best ``beam`` are returned).
+        Excluding items makes a wider search pay: a prefix's probability still counts its
+        excluded items, so a narrow beam can fill up with prefixes of items already seen.
     """
+    width = _search_width(beam, width)
     cross_kv, valid = _encode(model, users, history)
     z_org, z_ad = _flag_logits(model, cross_kv, valid)
     live = None
@@ -376,5 +395,5 @@ def bid_aware_beam_search(
     p_ad = jax.nn.sigmoid(z_ad + bid_bonus(b_max, lam) - z_org)
     is_ad = uniform < p_ad if flag is None else flag
     bonus = bid_bonus(prefix_max_bid(trie, bids), lam)
-    items, scores = _decode_items(model, cross_kv, valid, is_ad, trie, beam, bonus, live)
+    items, scores = _decode_items(model, cross_kv, valid, is_ad, trie, beam, width, bonus, live)
     return Decoded(is_ad=is_ad, p_ad=p_ad, items=items, scores=scores)

@@ -127,3 +127,34 @@ def test_baseline_rankings_skip_excluded_items(tiny):
     assert (ranked[~seen[:, popular].any(1)] == popular).all()
     with pytest.raises(ValueError, match="exclude must be"):
         genrec.popularity_ranking(split, n_items, exclude=seen[:, :-1])
+
+
+def test_a_wider_organic_search_returns_its_best_beam(tiny, draw):
+    n = 16
+    users, hist, bids = draw(n, seed=70)
+    exclude = jnp.asarray(_random_exclude(tiny, n, seed=71))
+    organic = jnp.zeros((n,), bool)
+
+    def run(beam, width):
+        return genrec.bid_aware_beam_search(
+            tiny.model,
+            users,
+            hist,
+            bids,
+            jnp.zeros(n),
+            trie=tiny.trie,
+            lam=1.0,
+            beam=beam,
+            flag=organic,
+            exclude=exclude,
+            width=width,
+        )
+
+    wide = run(BEAM + 3, None)
+    narrow_list = run(BEAM, BEAM + 3)
+    np.testing.assert_array_equal(np.asarray(narrow_list.items), np.asarray(wide.items)[:, :BEAM])
+    np.testing.assert_array_equal(
+        np.asarray(run(BEAM, BEAM).items), np.asarray(run(BEAM, None).items)
+    )
+    with pytest.raises(ValueError, match="search width"):
+        run(BEAM, BEAM - 1)
