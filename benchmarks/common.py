@@ -30,6 +30,7 @@ TABLE_METRICS: dict[str, tuple[str, ...]] = {
         "revenue_myerson",
         "advertiser_welfare",
         "high_value_share",
+        "ndcg10_difference",
         "ndcg10_ratio",
         "users_per_s",
         "compile_s",

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 import genrec
-from benchmarks.common import TABLE_METRICS, make_record, markdown_table, write_json
+from benchmarks.common import TABLE_METRICS, make_record, markdown_table, read_json, write_json
 from diffecon.evaluation import mean_estimate
 from diffecon.plotting import save_figure
 from diffecon.training import TrainConfig
@@ -56,6 +56,8 @@ class GenRecBenchConfig:
         full-ranking protocol, e.g. RecBole's), for every model alike.
       timing_repeats: timed decodes of all test users (the median is reported).
       seed: seeds training, the market and the flag draws.
+      pool: folders of other runs of this suite (e.g. other seeds) whose ``genrec.json`` is
+        pooled with this run's paired organic comparison (``pooled_*`` rows).
       out: output folder.
       checkpoints_dir: committed checkpoints (``genrec_*``).
     """
@@ -74,6 +76,7 @@ class GenRecBenchConfig:
     exclude_seen: bool = True
     timing_repeats: int = 5
     seed: int = 0
+    pool: tuple[str, ...] = ()
     out: str = "out/genrec"
     checkpoints_dir: str = "benchmarks/results/checkpoints"
 
@@ -475,11 +478,79 @@ def run(config: GenRecBenchConfig) -> list[dict[str, Any]]:
         )
         record(mech, "compile_s", compile_s, **facts)
 
+    if config.pool:
+        others = [read_json(Path(folder) / "genrec.json") for folder in config.pool]
+        for r in pooled_comparison([records, *others]):
+            record(
+                r["mechanism"], r["metric"], r["value"], r["stderr"], r["n_samples"], runs=r["runs"]
+            )
+
     _plot_frontier(sweep, shock, out / "genrec_frontier.png", setting)
     write_json(records, out / "genrec.json")
     (out / "genrec.md").write_text(markdown_table(records, metrics=METRICS) + "\n")
     _print_summary(records)
     return records
+
+
+def pooled_comparison(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Pool the paired organic comparison of independent runs (e.g. seeds) of this suite.
+
+    For each baseline and target set: the mean over runs of the paired NDCG@10 difference (SE
+    ``sqrt(sum SE_r^2) / runs``, the runs being independent) and the ratio of GEM-Rec's summed
+    per-run means to the baseline's. Returns bare ``mechanism/metric/value/stderr/n_samples/runs``
+    dicts.
+
+    Raises:
+      ValueError: fewer than two runs, runs of different settings, a run seeded like another, or
+        a run without the paired rows.
+    """
+    if len(runs) < 2:
+        raise ValueError(f"pooling needs at least two runs, got {len(runs)}")
+    tables = [{(r["mechanism"], r["metric"]): r for r in run} for run in runs]
+    settings = {r["setting"] for run in runs for r in run}
+    if len(settings) != 1:
+        raise ValueError(f"runs of different settings cannot be pooled: {sorted(settings)}")
+    seeds = [run[0]["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"runs share a seed, so they are not independent: {seeds}")
+    out = []
+    for suffix in ("", "_valid"):
+        for name in ("sasrec", "popularity"):
+            keys = {
+                "ours": (f"gemrec_organic{suffix}", "ndcg10_organic"),
+                "theirs": (f"{name}{suffix}", "ndcg10_organic"),
+                "diff": (f"gemrec_organic_vs_{name}{suffix}", "ndcg10_difference"),
+            }
+            for seed, table in zip(seeds, tables, strict=True):
+                missing = [k for k in keys.values() if k not in table]
+                if missing:
+                    raise ValueError(f"run with seed {seed} lacks {missing}; rerun it")
+            diffs = [t[keys["diff"]] for t in tables]
+            n = len(runs)
+            mech = f"pooled_gemrec_organic_vs_{name}{suffix}"
+            out.append(
+                {
+                    "mechanism": mech,
+                    "metric": "ndcg10_difference",
+                    "value": float(np.mean([d["value"] for d in diffs])),
+                    "stderr": float(np.sqrt(sum(d["stderr"] ** 2 for d in diffs)) / n),
+                    "n_samples": int(sum(d["n_samples"] for d in diffs)),
+                    "runs": seeds,
+                }
+            )
+            ours = sum(t[keys["ours"]]["value"] for t in tables)
+            theirs = sum(t[keys["theirs"]]["value"] for t in tables)
+            out.append(
+                {
+                    "mechanism": mech,
+                    "metric": "ndcg10_ratio",
+                    "value": float(ours / theirs),
+                    "stderr": 0.0,
+                    "n_samples": int(sum(d["n_samples"] for d in diffs)),
+                    "runs": seeds,
+                }
+            )
+    return out
 
 
 def _plot_frontier(sweep, shock, path: Path, setting: str) -> None:
