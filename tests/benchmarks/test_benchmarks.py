@@ -250,3 +250,27 @@ def test_committed_datamarket_rows_meet_the_spec():
         assert regret["n_samples"] >= 300 and regret["value"] <= 1e-3, name
         for metric in ("obedience_violation", "ir_violation"):
             assert by[(name, "learned", metric)]["value"] <= 1e-3, (name, metric)
+
+
+def test_committed_genrec_run_meets_the_spec():
+    """The committed GEM-Rec run (pooled with its two seed replicates): organic NDCG@10 within
+    10% of SASRec's and well above popularity, lambda 1 earns >= 1.5x with total NDCG@10 down
+    <= 5%, the bid shock raises the high-value share of shown ads, and no auction disagrees with
+    its decode."""
+    records = _records(readme.RESULTS_DIR / "genrec" / "genrec.json")
+    by = {(r["mechanism"], r["metric"]): r for r in records}
+    assert len(by[("pooled_gemrec_organic_vs_sasrec", "ndcg10_ratio")]["runs"]) == 3
+    for suffix in ("", "_valid"):
+        assert by[(f"pooled_gemrec_organic_vs_sasrec{suffix}", "ndcg10_ratio")]["value"] >= 0.9
+        assert by[(f"pooled_gemrec_organic_vs_popularity{suffix}", "ndcg10_ratio")]["value"] >= 1.5
+    lam0, lam1 = by[("gemrec_lambda_0", "ndcg10")], by[("gemrec_lambda_1", "ndcg10")]
+    assert lam0["n_samples"] == lam1["n_samples"] == 943
+    assert by[("gemrec_lambda_1", "revenue_ratio_vs_lambda0")]["value"] >= 1.5
+    change = by[("gemrec_lambda_1", "ndcg10_change_vs_lambda0")]["value"]
+    assert change >= -0.05 * lam0["value"]
+    shares = [
+        by[(f"gemrec_shock_lambda_{lam}", "high_value_share")]["value"] for lam in (0, 0.5, 1)
+    ]
+    assert shares[0] < shares[1] < shares[2]
+    for lam in (0, 0.25, 0.5, 1, 2):
+        assert by[(f"gemrec_lambda_{lam}", "auction_mismatch")]["value"] == 0
