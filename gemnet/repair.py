@@ -590,7 +590,13 @@ def repair(
     checker = _Checker(model, grid, offsets, config, scale)
     workers = config.workers or os.cpu_count() or 1
     lo, size = _initial_boxes(grid, config.start_level)
-    stats: dict[str, Any] = {"rounds": 0, "milps": 0, "milp_wall_s": 0.0, "statuses": {}}
+    stats: dict[str, Any] = {
+        "rounds": 0,
+        "milps": 0,
+        "milp_wall_s": 0.0,
+        "statuses": {},
+        "floor_slacks": {},
+    }
     stages = range(1, n) if n > 1 else [0]
     if (
         all(grid.discrete)
@@ -697,6 +703,11 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
                     f"(last status {sol.status} at floor slack {sol.floor_slack}); the menus "
                     "cannot be made compatible there by raising prices within the limits"
                 )
+            # which utility floor each cell's MILP solved at, as a fraction of the price scale
+            # (RepairConfig.floor_slacks; "inf": the null element's 0, where bidders may be
+            # priced out of every bad element)
+            slack = str(round(sol.floor_slack / scale, 6))
+            stats["floor_slacks"][slack] = stats["floor_slacks"].get(slack, 0) + 1
             off_r.set(sol.cell, sol.offsets)
         # Every box whose b_-r projection meets a changed cell is checked again.
         c_lo = np.concatenate([c[0] for c in certified])

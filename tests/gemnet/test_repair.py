@@ -25,6 +25,9 @@ FAST = RepairConfig(max_level=3, workers=1, progress=False)
 def test_repaired_mechanism_never_over_allocates(repaired_2x2):
     setting, _, repaired, cert = repaired_2x2
     assert cert.stats["milps"] > 0 and sum(cert.stats["offset_cells"]) > 0
+    # every cell MILP solved at one of the configured utility floors
+    assert sum(cert.stats["floor_slacks"].values()) == cert.stats["milps"]
+    assert set(cert.stats["floor_slacks"]) <= {str(s) for s in RepairConfig().floor_slacks}
     est = evaluate(repaired, setting, n_samples=50_000, key=jax.random.key(7))
     assert est["over_allocation_rate"].value == 0.0
     # prices only rise: repaired payments are never below... the base offsets are >= 0
