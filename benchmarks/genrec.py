@@ -271,12 +271,21 @@ def run(config: GenRecBenchConfig) -> list[dict[str, Any]]:
     record("sasrec", "train_wall_s", s_meta.get("train_wall_s", float("nan")))
 
     # baselines
-    seen = split.seen("test", data.n_items) if config.exclude_seen else None
-    popular = genrec.popularity_ranking(split, data.n_items, k=config.beam, exclude=seen)
-    for name, ranked in (
-        ("sasrec", genrec.sasrec_ranking(sasrec_model, split, "test", k=config.beam, exclude=seen)),
-        ("popularity", np.broadcast_to(popular, (split.n_users, config.beam))),
-    ):
+    def seen_items(which: str):
+        return split.seen(which, data.n_items) if config.exclude_seen else None
+
+    def baseline_rankings(which: str, exclude) -> dict[str, np.ndarray]:
+        popular = genrec.popularity_ranking(split, data.n_items, k=config.beam, exclude=exclude)
+        return {
+            "sasrec": genrec.sasrec_ranking(
+                sasrec_model, split, which, k=config.beam, exclude=exclude
+            ),
+            "popularity": np.broadcast_to(popular, (split.n_users, config.beam)),
+        }
+
+    seen = seen_items("test")
+    test_rankings = baseline_rankings("test", seen)
+    for name, ranked in test_rankings.items():
         per_user = genrec.ranking_metrics(ranked, targets)
         per_user["ndcg10_organic"] = np.where(target_is_ad, np.nan, per_user["ndcg10"])
         record_estimates(name, genrec.summarize(per_user))
@@ -366,7 +375,7 @@ def run(config: GenRecBenchConfig) -> list[dict[str, Any]]:
     for which in ("test", "valid"):
         w_targets, w_is_ad = split.targets(which)
         w_col = split.target_column(which)
-        w_seen = split.seen(which, data.n_items) if config.exclude_seen else None
+        w_seen = seen if which == "test" else seen_items(which)
         organic = ~w_is_ad
         decoded = organic_decode(
             params,
@@ -375,15 +384,7 @@ def run(config: GenRecBenchConfig) -> list[dict[str, Any]]:
             None if w_seen is None else jnp.asarray(w_seen),
         )
         ours = genrec.ranking_metrics(np.asarray(decoded.items), w_targets)["ndcg10"][organic]
-        theirs = {
-            "sasrec": genrec.sasrec_ranking(
-                sasrec_model, split, which, k=config.beam, exclude=w_seen
-            ),
-            "popularity": np.broadcast_to(
-                genrec.popularity_ranking(split, data.n_items, k=config.beam, exclude=w_seen),
-                (split.n_users, config.beam),
-            ),
-        }
+        theirs = test_rankings if which == "test" else baseline_rankings(which, w_seen)
         suffix = "" if which == "test" else "_valid"
         record_estimates(
             f"gemrec_organic{suffix}", {"ndcg10_organic": mean_estimate(ours)}, targets=which

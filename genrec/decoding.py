@@ -199,6 +199,14 @@ def live_states(
     return jax.vmap(one)(flat).reshape(*exclude.shape[:-1], trie.n_states)
 
 
+def _exclusion(trie: ItemTrie, bids, exclude):
+    """``(bids, live)`` for a user's live inventory: excluded ads bid nothing, and ``live``
+    (``None`` without an exclusion) marks the trie states that still lead to an allowed item."""
+    if exclude is None:
+        return bids, None
+    return jnp.where(exclude, 0.0, bids), live_states(trie, exclude)
+
+
 def bid_bonus(
     bids: Float[Array, "*batch"], lam: Float[Array, ""] | float
 ) -> Float[Array, "*batch"]:
@@ -387,10 +395,7 @@ def bid_aware_beam_search(
     width = _search_width(beam, width)
     cross_kv, valid = _encode(model, users, history)
     z_org, z_ad = _flag_logits(model, cross_kv, valid)
-    live = None
-    if exclude is not None:
-        bids = jnp.where(exclude, 0.0, bids)
-        live = live_states(trie, exclude)
+    bids, live = _exclusion(trie, bids, exclude)
     b_max = jnp.max(bids, axis=-1)
     p_ad = jax.nn.sigmoid(z_ad + bid_bonus(b_max, lam) - z_org)
     is_ad = uniform < p_ad if flag is None else flag

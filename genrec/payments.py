@@ -25,9 +25,9 @@ from genrec.decoding import (
     _ad_log_probs,
     _ad_scores,
     _encode,
+    _exclusion,
     _flag_logits,
     bid_bonus,
-    live_states,
     prefix_max_bid,
 )
 from genrec.model import GemRec
@@ -80,10 +80,7 @@ def ad_auction(
     (the reported critical bid is the upper end, at which the ad is still top-1). ``exclude``
     is :func:`genrec.bid_aware_beam_search`'s (excluded ads bid nothing and never win).
     """
-    live = None
-    if exclude is not None:
-        bids = jnp.where(exclude, 0.0, bids)
-        live = live_states(trie, exclude)
+    bids, live = _exclusion(trie, bids, exclude)
     cross_kv, valid = _encode(model, users, history)
     z_org, z_ad = _flag_logits(model, cross_kv, valid)
     batch = bids.shape[0]

@@ -160,3 +160,16 @@ def auction(tiny):
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def next_logp(tiny):
+    """``(user, history, decoder tokens) -> log-probabilities of the next token``, one user."""
+
+    @jax.jit
+    def decode(user, hist, tokens):
+        memory, valid = tiny.model.encode(user[None], hist[None])
+        logits = tiny.model.decode(tiny.model.cross_kv(memory), valid, tokens[None])[0, -1]
+        return jax.nn.log_softmax(logits)
+
+    return decode

@@ -102,21 +102,15 @@ def _reference_beam(tiny, decode, user, hist, is_ad, beam, exclude=None):
     return [ids[p] for p, _ in beams], [float(s) for _, s in beams]
 
 
-def test_constrained_beam_search_matches_a_plain_reference(tiny, decoders, draw):
+def test_constrained_beam_search_matches_a_plain_reference(tiny, decoders, next_logp, draw):
     params, _, _, _, plain_forced = decoders
     users, hist = _histories(draw, 6, seed=3)
-
-    @jax.jit
-    def decode(user, hist, tokens):
-        memory, valid = tiny.model.encode(user[None], hist[None])
-        logits = tiny.model.decode(tiny.model.cross_kv(memory), valid, tokens[None])[0, -1]
-        return jax.nn.log_softmax(logits)
 
     for is_ad in (False, True):
         flag = jnp.full((6,), is_ad)
         out = plain_forced(params, users, hist, jnp.zeros(6), flag)
         for row in range(6):
-            items, scores = _reference_beam(tiny, decode, users[row], hist[row], is_ad, BEAM)
+            items, scores = _reference_beam(tiny, next_logp, users[row], hist[row], is_ad, BEAM)
             assert np.asarray(out.items[row]).tolist() == items
             np.testing.assert_allclose(np.asarray(out.scores[row]), scores, rtol=1e-5, atol=1e-5)
 

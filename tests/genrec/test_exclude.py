@@ -32,24 +32,20 @@ def test_live_states_are_the_prefixes_of_allowed_items(tiny):
     assert live[0, 2:].all() and not live[1].any()
 
 
-def test_excluding_decodes_what_a_plain_search_over_the_allowed_items_decodes(tiny, decoders, draw):
+def test_excluding_decodes_what_a_plain_search_over_the_allowed_items_decodes(
+    tiny, decoders, next_logp, draw
+):
     params, *_, plain_forced = decoders
     n = 6
     users, hist, _ = draw(n, seed=30)
     exclude = _random_exclude(tiny, n, seed=31)
-
-    @jax.jit
-    def decode(user, hist, tokens):
-        memory, valid = tiny.model.encode(user[None], hist[None])
-        logits = tiny.model.decode(tiny.model.cross_kv(memory), valid, tokens[None])[0, -1]
-        return jax.nn.log_softmax(logits)
 
     for is_ad in (False, True):
         flag = jnp.full((n,), is_ad)
         out = plain_forced(params, users, hist, jnp.zeros(n), flag, jnp.asarray(exclude))
         for row in range(n):
             items, scores = _reference_beam(
-                tiny, decode, users[row], hist[row], is_ad, BEAM, exclude=exclude[row]
+                tiny, next_logp, users[row], hist[row], is_ad, BEAM, exclude=exclude[row]
             )
             got = np.asarray(out.items[row])
             assert got[got >= 0].tolist() == items
