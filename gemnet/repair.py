@@ -81,6 +81,9 @@ class RepairConfig:
       floor_slacks: the MILP's utility floors tried in order, as fractions of the price scale
         (``inf``: the null element's 0, always feasible).
       dominators: good elements offered per box as dominators in the MILP.
+      two_sided: a box that stays incompatible is repaired by whichever active bidder needs the
+        smaller price rise to drop its conflicting elements there (else always by the bidder
+        added last in the staged order, whose rivals' prices stay fixed).
       time_limit_s: per MILP solve.
       workers: MILP processes (0: one per CPU; 1: solve in this process).
       chunk: boxes per bound-propagation batch.
@@ -109,6 +112,7 @@ class RepairConfig:
     milp_margin: float = 3.0
     floor_slacks: tuple[float, ...] = (0.05, 0.25, math.inf)
     dominators: int = 4
+    two_sided: bool = True
     time_limit_s: float = 30.0
     workers: int = 0
     chunk: int = 8192
@@ -596,6 +600,7 @@ def repair(
         "milp_wall_s": 0.0,
         "statuses": {},
         "floor_slacks": {},
+        "repaired_cells": [0] * n,
     }
     stages = range(1, n) if n > 1 else [0]
     if (
@@ -645,9 +650,13 @@ def repair(
 
 
 def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, workers, stats):
-    """Certify ``sum_{i <= r}`` compatibility, giving bidder ``r`` offsets where needed."""
-    off_r = offsets[r]
-    constraints: dict[int, set[tuple[int, ...]]] = defaultdict(set)
+    """Certify ``sum_{i <= r}`` compatibility, giving active bidders offsets where needed.
+
+    Each finest box that fails is assigned to one active bidder whose prices change there: bidder
+    ``r`` alone, or (``config.two_sided``) the one that can exclude its conflicting elements
+    from the box with the smaller price rise (:func:`_assign`).
+    """
+    constraints: dict[tuple[int, int], set[tuple[int, ...]]] = defaultdict(set)
     certified: list[tuple[np.ndarray, np.ndarray]] = []
     pending = (lo, size)
     for round_ in range(config.max_rounds + 1):
@@ -672,34 +681,44 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
         f_lo = np.concatenate(failed_lo)
         if config.progress:
             n_cert = sum(len(c[0]) for c in certified)
+            n_off = sum(len(off.table) for off in offsets)
             print(
                 f"[repair] stage {r} round {round_}: {n_cert} boxes certified, {len(f_lo)} "
-                f"finest boxes to repair, {len(off_r.table)} offset cells",
+                f"finest boxes to repair, {n_off} offset cells",
                 flush=True,
             )
         if not len(f_lo):
             break
         if round_ == config.max_rounds:
             raise RepairError(f"stage {r}: still {len(f_lo)} boxes after {round_} MILP rounds")
-        own = grid.own(r)
-        keys = off_r.keys_of(f_lo)
-        changed = sorted(set(int(k) for k in keys))
-        for key, row in zip(keys, f_lo, strict=True):
-            constraints[int(key)].add(tuple(int(x) for x in row[own]))
-        problems = [
-            _cell_problem(r, key, constraints[key], f_lo, keys, grid, checker, active, config)
-            for key in changed
-        ]
+        owner = _assign(f_lo, r, active, checker) if config.two_sided else np.full(len(f_lo), r)
+        problems: list[CellProblem] = []
+        bidders: list[int] = []
+        changed: dict[int, list[int]] = {}
+        for i in sorted(set(owner.tolist())):
+            rows_i = f_lo[owner == i]
+            keys = offsets[i].keys_of(rows_i)
+            own = grid.own(i)
+            for key, row in zip(keys, rows_i, strict=True):
+                constraints[(i, int(key))].add(tuple(int(x) for x in row[own]))
+            changed[i] = sorted(set(int(k) for k in keys))
+            for key in changed[i]:
+                problems.append(
+                    _cell_problem(
+                        i, key, constraints[(i, key)], rows_i, keys, grid, checker, active, config
+                    )
+                )
+                bidders.append(i)
         t_milp = time.perf_counter()
         solutions = _solve_all(problems, workers)
         stats["milp_wall_s"] += time.perf_counter() - t_milp
         stats["milps"] += len(problems)
         stats["rounds"] += 1
-        for sol in solutions:
+        for i, sol in zip(bidders, solutions, strict=True):
             stats["statuses"][sol.status] = stats["statuses"].get(sol.status, 0) + 1
             if sol.offsets is None:
                 raise RepairError(
-                    f"stage {r}: the MILP of bidder {r}'s cell {sol.cell} found no offsets "
+                    f"stage {r}: the MILP of bidder {i}'s cell {sol.cell} found no offsets "
                     f"(last status {sol.status} at floor slack {sol.floor_slack}); the menus "
                     "cannot be made compatible there by raising prices within the limits"
                 )
@@ -708,12 +727,15 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
             # priced out of every bad element)
             slack = str(round(sol.floor_slack / scale, 6))
             stats["floor_slacks"][slack] = stats["floor_slacks"].get(slack, 0) + 1
-            off_r.set(sol.cell, sol.offsets)
-        # Every box whose b_-r projection meets a changed cell is checked again.
+            stats["repaired_cells"][i] += 1
+            offsets[i].set(sol.cell, sol.offsets)
+        # Every box whose b_-i projection meets a changed cell of bidder i is checked again.
         c_lo = np.concatenate([c[0] for c in certified])
         c_size = np.concatenate([c[1] for c in certified])
-        prefix = off_r._prefix(changed)
-        touched = off_r.count_in(c_lo, c_size, prefix) > 0
+        touched = np.zeros(len(c_lo), bool)
+        for i, keys_i in changed.items():
+            prefix = offsets[i]._prefix(keys_i)
+            touched |= offsets[i].count_in(c_lo, c_size, prefix) > 0
         certified = [(c_lo[~touched], c_size[~touched])]
         # ...and so is every failed box (now constrained by its cell's MILP).
         pending = (
@@ -723,6 +745,44 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
     c_lo = np.concatenate([c[0] for c in certified])
     c_size = np.concatenate([c[1] for c in certified])
     return c_lo, c_size
+
+
+def _bad_elements(i, usage, a_hi, active):
+    """``[boxes, K + 1]``: bidder ``i``'s elements that over-allocate with the other active
+    bidders' largest candidate allocations (``usage [boxes, n, m]``; null never bad)."""
+    others_active = active.copy()
+    others_active[i] = 0.0
+    taken = np.sum(usage * others_active[None, :, None], axis=1)  # [boxes, m]
+    over = a_hi[:, i] + taken[:, None, :] > 1.0 - BUILDER_ALLOC_MARGIN
+    bad = np.any(over & (taken[:, None, :] > 0.0) & (a_hi[:, i] > 0.0), axis=-1)
+    bad[:, -1] = False
+    return bad
+
+
+def _assign(f_lo, r, active, checker) -> np.ndarray:
+    """``[boxes]``: the active bidder that repairs each failed finest box.
+
+    A bidder's cost is the largest utility margin by which one of its conflicting candidates
+    must fall to lose to its best non-conflicting element (the null element's 0 at least): the
+    price rise the box asks of it. When one bidder would have to be priced out of everything
+    while the other need only switch between elements, the second is far cheaper.
+    """
+    size = np.ones_like(f_lo)
+    _, usage, u_hi0, u_lo0, a_hi = checker.run(f_lo, size, active, details=True)
+    delta = checker.deltas(f_lo, size)
+    u_hi, u_lo = u_hi0 - delta, u_lo0 - delta
+    cost = np.full((len(f_lo), checker.n), np.inf)
+    for i in np.flatnonzero(active > 0):
+        bad = _bad_elements(i, usage, a_hi, active)
+        best = np.max(u_lo[:, i], axis=-1, keepdims=True)
+        cand = u_hi[:, i] >= best - BUILDER_SLACK * checker.config.utility_tolerance * checker.scale
+        floor = np.maximum(np.max(np.where(bad, -np.inf, u_lo[:, i]), axis=-1), 0.0)
+        need = np.where(bad & cand, u_hi[:, i] - floor[:, None], -np.inf)
+        worst = np.max(need, axis=-1)
+        cost[:, i] = np.where(np.isfinite(worst), np.maximum(worst, 0.0), np.inf)
+    owner = np.argmin(cost, axis=1)
+    # a box no bidder can fix by itself (should not happen) goes to bidder r as before
+    return np.where(np.isfinite(np.min(cost, axis=1)), owner, r)
 
 
 def _support_table(grid: _Grid, dims: list[int]) -> np.ndarray:
@@ -846,26 +906,20 @@ def _tighten_discrete(model, setting, grid, offsets, config, scale) -> int:
     return tightened
 
 
-def _cell_problem(r, key, own_rows, f_lo, keys, grid, checker, active, config) -> CellProblem:
-    """The MILP data of bidder ``r``'s cell ``key`` over its constrained boxes."""
+def _cell_problem(i, key, own_rows, f_lo, keys, grid, checker, active, config) -> CellProblem:
+    """The MILP data of bidder ``i``'s cell ``key`` over its constrained boxes."""
     template = f_lo[np.flatnonzero(keys == key)[0]]
-    own = grid.own(r)
+    own = grid.own(i)
     rows = np.array(sorted(own_rows), np.int64)
     lo = np.repeat(template[None, :], len(rows), axis=0)
     lo[:, own] = rows
     size = np.ones_like(lo)
     _, usage, u_hi0, u_lo0, a_hi = checker.run(lo, size, active, details=True)
-    others_active = active.copy()
-    others_active[r] = 0.0
-    taken = np.sum(usage * others_active[None, :, None], axis=1)  # [boxes, m]
-    over = a_hi[:, r] + taken[:, None, :] > 1.0 - BUILDER_ALLOC_MARGIN
-    bad = np.any(over & (taken[:, None, :] > 0.0) & (a_hi[:, r] > 0.0), axis=-1)
-    bad[:, -1] = False
     return CellProblem(
         cell=int(key),
-        u_hi=u_hi0[:, r].astype(np.float64),
-        u_lo=u_lo0[:, r].astype(np.float64),
-        bad=bad,
+        u_hi=u_hi0[:, i].astype(np.float64),
+        u_lo=u_lo0[:, i].astype(np.float64),
+        bad=_bad_elements(i, usage, a_hi, active),
         eps=config.milp_margin * config.utility_tolerance * checker.scale,
         floor_slacks=tuple(s * checker.scale for s in config.floor_slacks),
         dominators=config.dominators,
