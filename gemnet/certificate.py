@@ -26,8 +26,18 @@ The certificate claims: for every box, with interval bounds of every bidder's me
 cell lookup), every bidder's **candidate set** (elements whose largest utility over the box, after
 offsets, reaches the best smallest utility minus ``utility_tolerance``) is compatible: for every
 item ``j``, ``sum_i max_{k in candidates_i} min(alloc_ij^k (upper bound) + alloc_tolerance, 1)``
-is at most 1 (the null element allocates exactly 0). ``verify_certificate``
-re-derives all of that from the network's weights and this file.
+is at most 1 (the null element allocates exactly 0).
+
+With two additive bidders a box may instead be certified **relationally** (the candidate sets
+themselves conflict, but no profile in the box makes both conflicting choices): for every pair of
+candidates ``(k0, k1)`` of bidders 0 and 1 whose allocation bounds sum to more than 1 on some item,
+``witness_index`` holds a row ``(box, k0, k1, l0, l1)`` and ``witness_t`` a ``t >= 0`` such that
+``max_{v in box} [U_0(k0, l0)(v) + t U_1(k1, l1)(v)] < 0``, where ``U_i(k, l)`` is a sound affine
+upper bound of ``u_ik - u_il + utility_tolerance`` over the box (mean-value form: the menu and its
+Jacobian in ``b_-i`` at the box's centre, an interval enclosure of the Jacobian over the box, and
+interval bounds of the allocations). Bidder ``i`` can pick ``k`` over ``l`` only where
+``U_i(k, l) >= 0``, so the two picks never happen together. ``verify_certificate`` re-derives all
+of that from the network's weights and this file.
 """
 
 from __future__ import annotations
@@ -67,6 +77,8 @@ class Certificate:
       box_inflation: relative widening of each box per side (a fraction of its cells' width).
       bound_splits: menu bounds over a box may be taken as the union of interval bounds over
         ``bound_splits`` equal parts of each coordinate of the (inflated) ``b_-i`` projection.
+      witness_index: ``[W, 5]`` int64 rows ``(box, k0, k1, l0, l1)`` of relational certificates.
+      witness_t: ``[W]`` the multipliers ``t >= 0`` of those rows.
       stats: how the certificate was built (boxes, MILPs, time...), informational only.
     """
 
@@ -86,6 +98,10 @@ class Certificate:
     alloc_tolerance: float
     box_inflation: float
     bound_splits: int = 1
+    witness_index: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros((0, 5), np.int64)
+    )
+    witness_t: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.float64))
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -126,7 +142,12 @@ def save_certificate(certificate: Certificate, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     c = certificate
-    arrays: dict[str, Any] = {"box_lo": c.box_lo, "box_size": c.box_size}
+    arrays: dict[str, Any] = {
+        "box_lo": c.box_lo,
+        "box_size": c.box_size,
+        "witness_index": np.asarray(c.witness_index, np.int64).reshape(-1, 5),
+        "witness_t": np.asarray(c.witness_t, np.float64).reshape(-1),
+    }
     for d in range(len(c.cell_lo)):
         arrays[f"cell_lo_{d}"] = np.asarray(c.cell_lo[d], np.float64)
         arrays[f"cell_hi_{d}"] = np.asarray(c.cell_hi[d], np.float64)
@@ -188,6 +209,8 @@ def load_certificate(directory: str | Path) -> Certificate:
             alloc_tolerance=float(meta["alloc_tolerance"]),
             box_inflation=float(meta["box_inflation"]),
             bound_splits=int(meta.get("bound_splits", 1)),
+            witness_index=arrays.get("witness_index", np.zeros((0, 5), np.int64)),
+            witness_t=arrays.get("witness_t", np.zeros((0,), np.float64)),
             stats=dict(meta.get("stats", {})),
         )
     except (OSError, KeyError, TypeError, ValueError, EOFError) as err:
@@ -200,6 +223,15 @@ def load_certificate(directory: str | Path) -> Certificate:
                 f"certificate in {str(directory)!r}: bidder {i}'s offsets have shapes "
                 f"{keys.shape} and {vals.shape}, expected [C] and [C, {k1}]"
             )
+    if (
+        cert.witness_index.ndim != 2
+        or cert.witness_index.shape[1:] != (5,)
+        or (cert.witness_t.shape != cert.witness_index.shape[:1])
+    ):
+        raise ValueError(
+            f"certificate in {str(directory)!r}: witnesses have shapes "
+            f"{cert.witness_index.shape} and {cert.witness_t.shape}, expected [W, 5] and [W]"
+        )
     if cert.box_lo.shape != cert.box_size.shape or cert.box_lo.shape[1:] != (n * m,):
         raise ValueError(
             f"certificate in {str(directory)!r}: boxes have shapes {cert.box_lo.shape} and "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,9 @@ class CellProblem:
       floor_slacks: ``L_floor = max(0, L_0 - slack)`` tried in order (``inf``: floor 0).
       dominators: good elements (by lower utility) offered as dominators per box.
       time_limit_s: per solve.
+      rel_ok: ``[boxes]`` whether the box may instead be certified relationally, by the rows of
+        ``rel_*`` with that box: ``rel_coef * (Delta[rel_k] - Delta[rel_l]) >= rel_need`` each
+        (the relational witness of a conflicting pair, linear in the offsets).
     """
 
     cell: int
@@ -50,6 +54,12 @@ class CellProblem:
     floor_slacks: tuple[float, ...]
     dominators: int
     time_limit_s: float
+    rel_ok: np.ndarray | None = None
+    rel_box: np.ndarray | None = None
+    rel_k: np.ndarray | None = None
+    rel_l: np.ndarray | None = None
+    rel_coef: np.ndarray | None = None
+    rel_need: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +101,34 @@ def _solve_with_floor(p: CellProblem, slack: float):
         return delta[k]
 
     n_bin = 0
+    rel_rows: dict[int, list[int]] = defaultdict(list)
+    if p.rel_box is not None:
+        for q, b in enumerate(p.rel_box.tolist()):
+            rel_rows[int(b)].append(q)
     for b in rows:
         constrained = np.flatnonzero(live_bad[b] & (p.u_hi[b] >= floor[b] - p.eps))
         good = np.flatnonzero(~p.bad[b] & (p.u_lo[b] >= floor[b]))
         good = good[good != null]
         order = np.argsort(-p.u_lo[b, good], kind="stable")[: p.dominators]
         doms = [int(d) for d in good[order]] + ([null] if floor[b] <= 0.0 else [])
-        if not doms:
+        rel = p.rel_ok is not None and bool(p.rel_ok[b])
+        if not doms and not rel:
             return None, "NO_DOMINATOR", n_bin
         ys = [solver.BoolVar(f"y_{b}_{d}") for d in doms]
-        n_bin += len(ys)
-        solver.Add(sum(ys) == 1)
+        if rel:  # the relational option: every conflicting pair's witness inequality holds
+            assert p.rel_k is not None and p.rel_l is not None
+            assert p.rel_coef is not None and p.rel_need is not None
+            y_rel = solver.BoolVar(f"r_{b}")
+            ys_all = [*ys, y_rel]
+            for q in rel_rows.get(b, []):
+                k, ell, coef = int(p.rel_k[q]), int(p.rel_l[q]), float(p.rel_coef[q])
+                need = float(p.rel_need[q])
+                slack = (coef * delta_max + abs(need)) * (1 - y_rel)
+                solver.Add(coef * (var(k) - var(ell)) >= need - slack)
+        else:
+            ys_all = ys
+        n_bin += len(ys_all)
+        solver.Add(sum(ys_all) == 1)
         for d, y in zip(doms, ys, strict=True):
             if d != null:
                 solver.Add(p.u_lo[b, d] - var(d) >= floor[b] - big_m * (1 - y))

@@ -350,3 +350,139 @@ def menu_bounds(
     alloc = jnp.stack([jnp.concatenate([a_lo, null_a], -2), jnp.concatenate([a_hi, null_a], -2)])
     price = jnp.stack([jnp.concatenate([p_lo, null_p], -1), jnp.concatenate([p_hi, null_p], -1)])
     return Menus(alloc=alloc, price=price)
+
+
+@struct.dataclass
+class MenuJacobians:
+    """First-order enclosure of every bidder's menu over a box of ``b_-i``.
+
+    At the box's centre ``c`` the menu is ``alloc`` / ``price`` with Jacobians ``d_alloc`` /
+    ``d_price`` with respect to ``b_-i``; anywhere in the box every Jacobian entry lies within
+    ``r_alloc`` / ``r_price`` of the centre's. Shapes: ``alloc [*batch, bidders, K + 1, items]``,
+    ``price [*batch, bidders, K + 1]``, ``d_alloc``/``r_alloc [*batch, bidders, K + 1, items,
+    inputs]``, ``d_price``/``r_price [*batch, bidders, K + 1, inputs]`` (null element: zeros).
+    """
+
+    alloc: Any
+    price: Any
+    d_alloc: Any
+    r_alloc: Any
+    d_price: Any
+    r_price: Any
+
+
+def _scale_interval(d_lo, d_hi, c, r):
+    """Centre/radius of ``{d * j : d in [d_lo, d_hi], j in [c - r, c + r]}`` for ``d_lo >= 0``."""
+    lo = jnp.minimum(d_lo * (c - r), d_hi * (c - r))
+    hi = jnp.maximum(d_lo * (c + r), d_hi * (c + r))
+    return (lo + hi) / 2, (hi - lo) / 2
+
+
+def _interval_jacobian(model: GemNet, lo, hi):
+    """Interval Jacobian (centre, radius) of the raw outputs w.r.t. ``b_-i`` over a box, with the
+    interval bounds of the raw outputs. ``lo``/``hi``: ``[*batch, bidders, in]`` (raw bids)."""
+    shift, scale = model.input_affine()
+    n_in = lo.shape[-1]
+    x_lo, x_hi = (lo - shift) * scale, (hi - shift) * scale
+    jc = jnp.broadcast_to(
+        jnp.eye(n_in, dtype=lo.dtype) * jnp.asarray(scale)[..., None, :], (*lo.shape, n_in)
+    )  # [*batch, n, in (wrt), units]
+    jr = jnp.zeros_like(jc)
+    last = len(model.weights) - 1
+    for layer, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
+        centre, radius = (x_lo + x_hi) / 2, (x_hi - x_lo) / 2
+        c = jnp.einsum("...ni,nio->...no", centre, w[...]) + b[...]
+        r = jnp.einsum("...ni,nio->...no", radius, jnp.abs(w[...]))
+        z_lo, z_hi = c - r, c + r
+        jc = jnp.einsum("...nji,nio->...njo", jc, w[...])
+        jr = jnp.einsum("...nji,nio->...njo", jr, jnp.abs(w[...]))
+        if layer < last:
+            t_near = jnp.tanh(jnp.clip(0.0, z_lo, z_hi))
+            t_far = jnp.maximum(jnp.tanh(z_lo) ** 2, jnp.tanh(z_hi) ** 2)
+            d_hi, d_lo = 1.0 - t_near**2, 1.0 - t_far
+            jc, jr = _scale_interval(d_lo[..., None, :], d_hi[..., None, :], jc, jr)
+            x_lo, x_hi = jnp.tanh(z_lo), jnp.tanh(z_hi)
+        else:
+            x_lo, x_hi = z_lo, z_hi
+    return x_lo, x_hi, jc, jr
+
+
+def _sigmoid_slope(lo, hi):
+    """Bounds of ``sigmoid'`` over ``[lo, hi]`` (largest at the point nearest 0)."""
+    s = jax.nn.sigmoid
+    near = s(jnp.clip(0.0, lo, hi))
+    d_lo = jnp.minimum(s(lo) * (1 - s(lo)), s(hi) * (1 - s(hi)))
+    return d_lo, near * (1 - near)
+
+
+def menu_jacobians(
+    model: GemNet,
+    others_lo: Float[Array, "*batch bidders inputs"],
+    others_hi: Float[Array, "*batch bidders inputs"],
+) -> MenuJacobians:
+    """Menus and Jacobians at the centre of ``[others_lo, others_hi]`` and how far the Jacobians
+    move over the box (interval Jacobian by centre/radius arithmetic through the stacked MLP and
+    the heads; additive bidders only). With the interval bounds of :func:`menu_bounds` this gives
+    sound affine bounds of every utility over a box (mean-value form)."""
+    if model.valuation != "additive":
+        raise NotImplementedError("menu_jacobians supports additive bidders only")
+    if model.n_bidders == 1:
+        raise ValueError("menu_jacobians needs two or more bidders (the menu has no input)")
+    k, m = model.menu_size, model.n_items
+
+    def heads(lo, hi):
+        out_lo, out_hi, jc, jr = _interval_jacobian(model, lo, hi)
+        lg_lo, rp_lo = model._head(out_lo)
+        lg_hi, rp_hi = model._head(out_hi)
+        jc_l, jc_p = jc[..., : k * m], jc[..., k * m :]
+        jr_l, jr_p = jr[..., : k * m], jr[..., k * m :]
+        # prices: S * softplus(raw); slope S * sigmoid(raw) is increasing in raw
+        s = model.price_scale
+        pc, pr = _scale_interval(
+            s * jax.nn.sigmoid(rp_lo)[..., None, :],
+            s * jax.nn.sigmoid(rp_hi)[..., None, :],
+            jc_p,
+            jr_p,
+        )
+        # allocations: clip((1 + 2c) sigmoid(z) - c, 0, 1); slope 0 where clipped
+        c = model.alloc_clip
+        ll, lh = lg_lo.reshape(*lg_lo.shape[:-2], k * m), lg_hi.reshape(*lg_hi.shape[:-2], k * m)
+        if c > 0.0:
+            z0 = float(np.log(c / (1.0 + c)))  # logit of c / (1 + 2c): below it the head is 0
+            a, b = jnp.maximum(ll, z0), jnp.minimum(lh, -z0)
+            inside = a <= b
+            d_lo, d_hi = _sigmoid_slope(a, jnp.where(inside, b, a))
+            clipped = (ll <= z0) | (lh >= -z0)
+            d_lo = jnp.where(inside & ~clipped, d_lo, 0.0) * (1 + 2 * c)
+            d_hi = jnp.where(inside, d_hi, 0.0) * (1 + 2 * c)
+        else:
+            d_lo, d_hi = _sigmoid_slope(ll, lh)
+        ac, ar = _scale_interval(d_lo[..., None, :], d_hi[..., None, :], jc_l, jr_l)
+        # [*batch, n, in, K*m] -> [*batch, n, K, m, in]
+        ac = jnp.moveaxis(ac.reshape(*ac.shape[:-1], k, m), -3, -1)
+        ar = jnp.moveaxis(ar.reshape(*ar.shape[:-1], k, m), -3, -1)
+        return ac, ar, jnp.moveaxis(pc, -2, -1), jnp.moveaxis(pr, -2, -1)
+
+    centre = (others_lo + others_hi) / 2
+    ac, _, pc, _ = heads(centre, centre)
+    a_c, a_r, p_c, p_r = heads(others_lo, others_hi)
+    r_alloc = jnp.abs(a_c - ac) + a_r
+    r_price = jnp.abs(p_c - pc) + p_r
+    shift, scale = model.input_affine()
+    logits, raw_price = model._head(model.raw_outputs((centre - shift) * scale))
+    alloc = model._alloc_from_logits(logits)
+    price = model.price_scale * jax.nn.softplus(raw_price)
+
+    def pad(x, axis):  # append the null element (zeros) along the element axis
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, 1)
+        return jnp.pad(x, widths)
+
+    return MenuJacobians(
+        alloc=pad(alloc, -2),
+        price=pad(price, -1),
+        d_alloc=pad(ac, -3),
+        r_alloc=pad(r_alloc, -3),
+        d_price=pad(pc, -2),
+        r_price=pad(r_price, -2),
+    )

@@ -52,7 +52,7 @@ from gemnet.milp import (
     solve_cell,
     tighten_prices,
 )
-from gemnet.model import GemNet, Menus, choose, menu_bounds, others_bids
+from gemnet.model import GemNet, Menus, choose, menu_bounds, menu_jacobians, others_bids
 
 __all__ = ["RepairConfig", "RepairError", "RepairedGemNet", "repair"]
 
@@ -84,6 +84,11 @@ class RepairConfig:
       two_sided: a box that stays incompatible is repaired by whichever active bidder needs the
         smaller price rise to drop its conflicting elements there (else always by the bidder
         added last in the staged order, whose rivals' prices stay fixed).
+      relational: with two additive bidders, a box that the interval test cannot certify is tried
+        with the relational test (:func:`_relational_fn`) before it is split or repaired.
+      relational_rounds: MILP rounds (per stage) whose cell problems may also satisfy a box
+        through its relational witnesses; later rounds only exclude elements, which does not
+        depend on the other bidders' offsets, so the rounds settle.
       time_limit_s: per MILP solve.
       workers: MILP processes (0: one per CPU; 1: solve in this process).
       chunk: boxes per bound-propagation batch.
@@ -113,6 +118,8 @@ class RepairConfig:
     floor_slacks: tuple[float, ...] = (0.05, 0.25, math.inf)
     dominators: int = 4
     two_sided: bool = True
+    relational: bool = True
+    relational_rounds: int = 3
     time_limit_s: float = 30.0
     workers: int = 0
     chunk: int = 8192
@@ -364,6 +371,109 @@ def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
     return bounds
 
 
+REL_CANDIDATES = 4  # candidates per bidder the relational test handles (more: the box fails)
+REL_CHUNK = 512  # boxes per relational-test batch
+
+
+def _relational_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
+    """Two-bidder relational test of boxes that the interval test cannot certify.
+
+    The interval test lets each bidder's choice range over its whole candidate set independently;
+    at a tight boundary (bidder 0 wins an item where bidder 1 does not, and the reverse) both
+    bidders' conflicting elements stay candidates however small the box. Here each utility gets
+    sound affine bounds over the box (mean-value form: the menu and its Jacobian at the centre,
+    the interval Jacobian's spread, and the interval bounds of the allocations), so "bidder ``i``
+    picks ``k`` over ``l``" implies a linear inequality in the profile ``v``. A conflicting pair
+    ``(k0, k1)`` cannot occur if, for some other elements ``l0``, ``l1`` and ``t >= 0``, the sum
+    ``(bidder 0's inequality) + t (bidder 1's)`` is negative everywhere on the box (a two-row
+    Farkas certificate; ``t`` ranges over the breakpoints of the convex piecewise-linear
+    function it minimises). Returns per box whether every conflicting pair is excluded, and the
+    witnesses ``(k0, k1, l0, l1, t)`` of each conflicting pair, the witness's value ``phi`` and
+    whether both candidate sets were small enough to be covered.
+    """
+    margin = BUILDER_SLACK * utility_tol
+
+    @jax.jit
+    def rel(rlo, rhi, delta):
+        a_lo, a_hi, p_lo, p_hi = split_menu_bounds(
+            model, others_bids(rlo), others_bids(rhi), splits
+        )
+        a_top = jnp.where(a_hi > 0.0, jnp.minimum(a_hi + alloc_tol, 1.0), 0.0)
+        a_top = a_top.at[..., -1, :].set(0.0)
+        v_hi, v_lo = rhi[..., None, :], rlo[..., None, :]
+        u_hi = jnp.sum(jnp.maximum(v_hi * a_top, v_hi * a_lo), -1) - p_lo - delta
+        u_lo = jnp.sum(jnp.minimum(v_lo * a_lo, v_lo * a_top), -1) - p_hi - delta
+        cand = u_hi >= jnp.max(u_lo, axis=-1, keepdims=True) - margin
+        mj = menu_jacobians(model, others_bids(rlo), others_bids(rhi))
+        c, w = (rlo + rhi) / 2, (rhi - rlo) / 2  # [B, n, m]
+        ow = others_bids(w)
+        affine = jnp.einsum("bnm,bnkm->bnk", c, mj.alloc) - mj.price - delta
+        g_own = mj.alloc  # [B, n, K+1, m]
+        g_oth = jnp.einsum("bnm,bnkmd->bnkd", c, mj.d_alloc) - mj.d_price
+        d_alpha = jnp.maximum(a_top - mj.alloc, mj.alloc - a_lo)
+        r_phi = jnp.einsum("bnm,bnkmd->bnkd", jnp.abs(c), mj.r_alloc) + mj.r_price
+        rho = jnp.einsum("bnm,bnkm->bnk", w, d_alpha) + jnp.einsum("bnd,bnkd->bnk", ow, r_phi)
+        grads = (
+            jnp.concatenate([g_own[:, 0], g_oth[:, 0]], -1),  # global coordinates (v_0, v_1)
+            jnp.concatenate([g_oth[:, 1], g_own[:, 1]], -1),
+        )
+        wg = jnp.concatenate([w[:, 0], w[:, 1]], -1)  # [B, 2m]
+        null = affine.shape[-1] - 1
+        rows = jnp.arange(affine.shape[0])[:, None]
+        parts = []
+        for i in range(2):
+            score = jnp.where(cand[:, i], u_hi[:, i], -jnp.inf)
+            val, ks = jax.lax.top_k(score, REL_CANDIDATES)
+            valid = jnp.isfinite(val)
+            many = jnp.sum(cand[:, i], -1) > REL_CANDIDATES
+            ls = jnp.concatenate([ks, jnp.full_like(ks[:, :1], null)], -1)
+            a_i, r_i, g_i = affine[:, i], rho[:, i], grads[i]
+            const = (
+                a_i[rows, ks][:, :, None]
+                - a_i[rows, ls][:, None, :]
+                + r_i[rows, ks][:, :, None]
+                + r_i[rows, ls][:, None, :]
+                + utility_tol
+            )  # [B, C, C+1]
+            slope = g_i[rows, ks][:, :, None, :] - g_i[rows, ls][:, None, :, :]  # [B,C,C+1,D]
+            parts.append((ks, ls, valid, many, const, slope, a_top[:, i][rows, ks]))
+        (k0, l0, val0, many0, c0, h0, al0), (k1, l1, val1, many1, c1, h1, al1) = parts
+        conflict = jnp.any(al0[:, :, None, :] + al1[:, None, :, :] > 1.0 - BUILDER_ALLOC_MARGIN, -1)
+        conflict &= jnp.any((al0[:, :, None, :] > 0) & (al1[:, None, :, :] > 0), -1)
+        conflict &= val0[:, :, None] & val1[:, None, :]  # [B, C0, C1]
+        # phi(t) over [B, k0, l0, k1, l1, T]
+        H0 = h0[:, :, :, None, None, :]
+        H1 = h1[:, None, None, :, :, :]
+        C0 = c0[:, :, :, None, None]
+        C1 = c1[:, None, None, :, :]
+        safe = jnp.where(H1 != 0.0, H1, 1.0)
+        brk = jnp.where((H1 != 0.0) & (-H0 / safe > 0.0), -H0 / safe, 0.0)
+        ts = jnp.concatenate([jnp.zeros_like(brk[..., :1]), brk], -1)  # [..., T]
+        W = wg[:, None, None, None, None, None, :]
+        spread = jnp.sum(jnp.abs(H0[..., None, :] + ts[..., :, None] * H1[..., None, :]) * W, -1)
+        phi = C0[..., None] + ts * C1[..., None] + spread  # [B, k0, l0, k1, l1, T]
+        shape = phi.shape
+        flat = jnp.moveaxis(phi, 3, 2).reshape(shape[0], shape[1], shape[3], -1)  # [B,k0,k1,...]
+        best = jnp.argmin(flat, -1)
+        best_phi = jnp.min(flat, -1)
+        excluded = best_phi < -margin
+        ok = jnp.all(~conflict | excluded, axis=(1, 2)) & ~many0 & ~many1
+        li0, rem = jnp.divmod(best, shape[4] * shape[5])
+        li1, _ = jnp.divmod(rem, shape[5])
+        t_best = jnp.take_along_axis(
+            jnp.moveaxis(ts, 3, 2).reshape(shape[0], shape[1], shape[3], -1), best[..., None], -1
+        )[..., 0]
+
+        def pick(ls, li):
+            full = jnp.broadcast_to(ls[:, None, None, :], (*li.shape, ls.shape[-1]))
+            return jnp.take_along_axis(full, li[..., None], -1)[..., 0]
+
+        small = ~many0 & ~many1
+        return ok, conflict, k0, k1, pick(l0, li0), pick(l1, li1), t_best, best_phi, small
+
+    return rel
+
+
 class _Checker:
     def __init__(self, model: GemNet, grid: _Grid, offsets: list[_Offsets], config, scale):
         self.grid, self.offsets, self.config = grid, offsets, config
@@ -376,7 +486,55 @@ class _Checker:
             config.alloc_tolerance,
             effective_splits(config.bound_splits, model),
         )
+        self.rel = None
+        if config.relational and self.n == 2 and model.valuation == "additive":
+            self.rel = _relational_fn(
+                model,
+                config.utility_tolerance * scale,
+                config.alloc_tolerance,
+                effective_splits(config.bound_splits, model),
+            )
         self.n_checked = 0
+        self.n_relational = 0
+
+    def _relational(self, rlo, rhi, delta):
+        """Run the relational test on rows (padded to fixed shapes); returns numpy outputs."""
+        assert self.rel is not None
+        rows, chunk = len(rlo), REL_CHUNK
+        outs = []
+        for s in range(0, rows, chunk):
+            part = [x[s : s + chunk] for x in (rlo, rhi, delta)]
+            b = len(part[0])
+            pad = chunk - b  # one shape: one compilation
+            args = [np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge") for x in part]
+            out = jax.device_get(self.rel(*(jnp.asarray(a, jnp.float32) for a in args)))
+            outs.append([np.asarray(x)[:b] for x in out])
+        return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+    def witnesses(self, lo: np.ndarray, size: np.ndarray):
+        """``(index [W, 5], t [W])`` relational witnesses of the boxes the interval test fails."""
+        index, ts = [np.zeros((0, 5), np.int64)], [np.zeros(0)]
+        if self.rel is None:
+            return index[0], ts[0]
+        ok, _ = self.run(lo, size, np.ones(self.n, np.float32), relational=False)
+        rows = np.flatnonzero(~ok)
+        if len(rows):
+            rlo, rhi = self.grid.bounds(lo[rows], size[rows], self.config.box_inflation)
+            delta = self.deltas(lo[rows], size[rows])
+            shape = (len(rows), self.n, self.m)
+            r_ok, conflict, k0, k1, l0, l1, t, _, _ = self._relational(
+                rlo.reshape(shape), rhi.reshape(shape), delta
+            )
+            if not np.all(r_ok):
+                raise RepairError(f"{int((~r_ok).sum())} final boxes lost their certificate")
+            b, a, c = np.nonzero(conflict)
+            index.append(
+                np.stack([rows[b], k0[b, a], k1[b, c], l0[b, a, c], l1[b, a, c]], -1).astype(
+                    np.int64
+                )
+            )
+            ts.append(t[b, a, c].astype(np.float64))
+        return np.concatenate(index), np.concatenate(ts)
 
     def deltas(self, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
         """Exact offsets per box and bidder (boxes are resolved: one cell or no offset cell)."""
@@ -389,7 +547,15 @@ class _Checker:
                 out[single, i] = off.exact(lo[single])
         return out
 
-    def run(self, lo: np.ndarray, size: np.ndarray, active: np.ndarray, *, details=False):
+    def run(
+        self,
+        lo: np.ndarray,
+        size: np.ndarray,
+        active: np.ndarray,
+        *,
+        details=False,
+        relational=True,
+    ):
         chunk = self.config.chunk
         results = []
         for s in range(0, len(lo), chunk):
@@ -408,8 +574,19 @@ class _Checker:
                 )
             ]
             out = self.fn(*(jnp.asarray(a, jnp.float32) for a in args), jnp.asarray(active))
-            out = jax.device_get(out if details else out[:2])
-            results.append([np.asarray(x)[:rows] for x in out])
+            out = [np.asarray(x)[:rows] for x in jax.device_get(out if details else out[:2])]
+            if relational and self.rel is not None and np.all(active > 0) and not details:
+                fail = np.flatnonzero(~out[0])
+                if len(fail):
+                    r_ok = self._relational(
+                        rlo.reshape(rows, self.n, self.m)[fail],
+                        rhi.reshape(rows, self.n, self.m)[fail],
+                        delta[fail],
+                    )[0]
+                    out[0] = out[0].copy()
+                    out[0][fail] = r_ok
+                    self.n_relational += int(r_ok.sum())
+            results.append(out)
         self.n_checked += len(lo)
         return [np.concatenate(parts) for parts in zip(*results, strict=True)]
 
@@ -620,7 +797,10 @@ def repair(
         if not np.all(ok):  # pragma: no cover - the tightening keeps every choice by construction
             raise RepairError(f"price tightening broke {int((~ok).sum())} certified boxes")
     keys, values = zip(*(off.arrays() for off in offsets), strict=True)
+    witness_index, witness_t = checker.witnesses(lo, size)
     stats.update(
+        relational_boxes=len(np.unique(witness_index[:, 0])),
+        witnesses=len(witness_t),
         n_boxes=len(lo),
         boxes_checked=checker.n_checked,
         offset_cells=[len(k) for k in keys],
@@ -644,6 +824,8 @@ def repair(
         alloc_tolerance=config.alloc_tolerance,
         box_inflation=config.box_inflation,
         bound_splits=effective_splits(config.bound_splits, model),
+        witness_index=witness_index,
+        witness_t=witness_t,
         stats=stats,
     )
     return RepairedGemNet(model, cert), cert
@@ -657,6 +839,7 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
     from the box with the smaller price rise (:func:`_assign`).
     """
     constraints: dict[tuple[int, int], set[tuple[int, ...]]] = defaultdict(set)
+    owners: dict[tuple[int, ...], int] = {}
     certified: list[tuple[np.ndarray, np.ndarray]] = []
     pending = (lo, size)
     for round_ in range(config.max_rounds + 1):
@@ -692,6 +875,10 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
         if round_ == config.max_rounds:
             raise RepairError(f"stage {r}: still {len(f_lo)} boxes after {round_} MILP rounds")
         owner = _assign(f_lo, r, active, checker) if config.two_sided else np.full(len(f_lo), r)
+        # a box keeps the bidder it was first given (no ping-pong between the two sides)
+        for b, row in enumerate(map(tuple, f_lo.tolist())):
+            owner[b] = owners.setdefault(row, int(owner[b]))
+        use_rel = round_ < config.relational_rounds
         problems: list[CellProblem] = []
         bidders: list[int] = []
         changed: dict[int, list[int]] = {}
@@ -705,7 +892,16 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
             for key in changed[i]:
                 problems.append(
                     _cell_problem(
-                        i, key, constraints[(i, key)], rows_i, keys, grid, checker, active, config
+                        i,
+                        key,
+                        constraints[(i, key)],
+                        rows_i,
+                        keys,
+                        grid,
+                        checker,
+                        active,
+                        config,
+                        relational=use_rel,
                     )
                 )
                 bidders.append(i)
@@ -906,7 +1102,9 @@ def _tighten_discrete(model, setting, grid, offsets, config, scale) -> int:
     return tightened
 
 
-def _cell_problem(i, key, own_rows, f_lo, keys, grid, checker, active, config) -> CellProblem:
+def _cell_problem(
+    i, key, own_rows, f_lo, keys, grid, checker, active, config, *, relational=True
+) -> CellProblem:
     """The MILP data of bidder ``i``'s cell ``key`` over its constrained boxes."""
     template = f_lo[np.flatnonzero(keys == key)[0]]
     own = grid.own(i)
@@ -915,6 +1113,9 @@ def _cell_problem(i, key, own_rows, f_lo, keys, grid, checker, active, config) -
     lo[:, own] = rows
     size = np.ones_like(lo)
     _, usage, u_hi0, u_lo0, a_hi = checker.run(lo, size, active, details=True)
+    rel: dict[str, Any] = {}
+    if relational and checker.rel is not None and np.all(active > 0):
+        rel = _relational_rows(i, lo, size, checker)
     return CellProblem(
         cell=int(key),
         u_hi=u_hi0[:, i].astype(np.float64),
@@ -924,4 +1125,43 @@ def _cell_problem(i, key, own_rows, f_lo, keys, grid, checker, active, config) -
         floor_slacks=tuple(s * checker.scale for s in config.floor_slacks),
         dominators=config.dominators,
         time_limit_s=config.time_limit_s,
+        **rel,
     )
+
+
+def _relational_rows(i, lo, size, checker) -> dict[str, Any]:
+    """The relational option of each box of bidder ``i``'s cell, linear in its offsets.
+
+    The witness of every conflicting pair is found with bidder ``i``'s offsets of this cell at 0
+    (the MILP sets them afresh) and the other bidder's as they are; with that witness's ``l`` and
+    ``t``, raising ``Delta[k] - Delta[l]`` lowers the witness by ``coef`` times as much (``coef``
+    = 1 for bidder 0, ``t`` for bidder 1), so it excludes the pair once the rise reaches
+    ``(phi + margin) / coef``.
+    """
+    rlo, rhi = checker.grid.bounds(lo, size, checker.config.box_inflation)
+    delta = checker.deltas(lo, size)
+    delta[:, i] = 0.0
+    shape = (len(lo), checker.n, checker.m)
+    _, conflict, k0, k1, l0, l1, t, phi, small = checker._relational(
+        rlo.reshape(shape), rhi.reshape(shape), delta
+    )
+    margin = 2 * BUILDER_SLACK * checker.config.utility_tolerance * checker.scale
+    b, a, c = np.nonzero(conflict)
+    ks = (k0[b, a], k1[b, c])[i]
+    ls = (l0[b, a, c], l1[b, a, c])[i]
+    coef = np.ones(len(b)) if i == 0 else t[b, a, c].astype(np.float64)
+    need = phi[b, a, c].astype(np.float64) + margin
+    satisfied = need < 0.0
+    usable = satisfied | (coef > 1e-6)
+    # a box has the option when its candidate sets are small enough and every pair can be met
+    ok = small.copy()
+    np.logical_and.at(ok, b, usable)
+    keep = ~satisfied & usable
+    return {
+        "rel_ok": ok,
+        "rel_box": b[keep],
+        "rel_k": ks[keep].astype(np.int64),
+        "rel_l": ls[keep].astype(np.int64),
+        "rel_coef": coef[keep],
+        "rel_need": need[keep],
+    }

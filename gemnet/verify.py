@@ -91,6 +91,9 @@ _OFFSET_PAIRS = 2**21
 _IBP_ROWS = 8192
 # Largest number of parts (bound_splits ** inputs) the verifier evaluates per projection.
 MAX_BOUND_PARTS = 4096
+# Float64 rounding allowance of the Jacobian enclosures (relative, absolute) and of the
+# relational witnesses' values (absolute, in value units).
+_JAC_RTOL, _JAC_ATOL, _WITNESS_ATOL = 1e-9, 1e-12, 1e-9
 # Entries of the [rows, K, width, width] array of the softmax bounds per block.
 _SOFTMAX_ENTRIES = 2**22
 
@@ -353,6 +356,94 @@ class _MenuBounds:
         p_lo = self.price_scale * _softplus(raw_lo) * (1.0 - 8 * _EPS)
         p_hi = self.price_scale * _softplus(raw_hi) * (1.0 + 8 * _EPS)
         return a_lo, a_hi, p_lo, p_hi
+
+    def jacobian(self, bidder: int, x_lo: np.ndarray, x_hi: np.ndarray):
+        """Menu of ``bidder`` at the centre of boxes of ``b_-bidder`` with its Jacobian there, and
+        how far the Jacobian can move over the box (additive bidders).
+
+        The enclosure is interval arithmetic in lower/upper form (``[JL, JH] @ W`` as ``JL @ W+ +
+        JH @ W-`` and back; slopes of tanh, sigmoid and softplus bounded over each pre-activation
+        interval), independent of the builder's centre/radius form.
+
+        Returns:
+          ``(alloc [rows, K, m], price [rows, K], d_alloc [rows, K, m, in], d_price [rows, K, in],
+          r_alloc, r_price)`` where every Jacobian entry over the box lies within ``r_*`` of
+          ``d_*``.
+        """
+        centre = (x_lo + x_hi) * 0.5
+        point = self._jacobian_intervals(bidder, centre, centre)
+        box = self._jacobian_intervals(bidder, x_lo, x_hi)
+        (a_c, p_c, ja_c, _, jp_c, _), (_, _, ja_l, ja_h, jp_l, jp_h) = point, box
+        assert a_c is not None and p_c is not None  # a point box evaluates the menu
+        r_a = np.maximum(ja_h - ja_c, ja_c - ja_l)
+        r_p = np.maximum(jp_h - jp_c, jp_c - jp_l)
+        # float64 rounding of these few hundred operations, bounded generously
+        r_a = r_a + _JAC_RTOL * (np.abs(ja_c) + r_a) + _JAC_ATOL
+        r_p = r_p + _JAC_RTOL * (np.abs(jp_c) + r_p) + _JAC_ATOL
+        return a_c, p_c, ja_c, jp_c, r_a, r_p
+
+    def _jacobian_intervals(self, bidder: int, x_lo: np.ndarray, x_hi: np.ndarray):
+        rows, n_in = x_lo.shape
+        span = self.span[bidder]
+        lo, hi = (x_lo - self.shift[bidder]) / span, (x_hi - self.shift[bidder]) / span
+        jl = np.broadcast_to(np.diag(1.0 / span), (rows, n_in, n_in)).copy()
+        jh = jl.copy()
+        last = len(self.weights) - 1
+        for layer in range(last + 1):
+            w, b = self.weights[layer][bidder], self.biases[layer][bidder]
+            wp, wn = np.maximum(w, 0.0), np.minimum(w, 0.0)
+            z_lo = lo @ wp + hi @ wn + b
+            z_hi = hi @ wp + lo @ wn + b
+            jl, jh = jl @ wp + jh @ wn, jh @ wp + jl @ wn
+            if layer < last:
+                near = np.tanh(np.clip(0.0, z_lo, z_hi))
+                far = np.maximum(np.tanh(z_lo) ** 2, np.tanh(z_hi) ** 2)
+                jl, jh = _times_slope((1.0 - far)[:, None], (1.0 - near**2)[:, None], jl, jh)
+                lo, hi = np.tanh(z_lo), np.tanh(z_hi)
+            else:
+                lo, hi = z_lo, z_hi
+        k, m = self.k, self.m
+        point = bool(np.all(x_lo == x_hi))
+        # prices: scale * softplus(raw); slope scale * sigmoid(raw), increasing
+        raw_lo, raw_hi = lo[:, k * m :], hi[:, k * m :]
+        s = self.price_scale
+        jp_l, jp_h = _times_slope(
+            s * _sigmoid(raw_lo)[:, None, :],
+            s * _sigmoid(raw_hi)[:, None, :],
+            jl[:, :, k * m :],
+            jh[:, :, k * m :],
+        )
+        # allocations: clip((1 + 2c) sigmoid(z) - c, 0, 1) (c = 0: a plain sigmoid)
+        z_lo, z_hi = lo[:, : k * m], hi[:, : k * m]
+        c = self.alloc_clip
+        cut = math.log(c / (1.0 + c)) if c > 0 else -np.inf  # the head is 0 below, 1 above -cut
+        a, b_ = np.maximum(z_lo, cut), np.minimum(z_hi, -cut)
+        live = a <= b_
+        sa, sb = _sigmoid(a), _sigmoid(np.where(live, b_, a))
+        nearest = _sigmoid(np.clip(0.0, a, np.where(live, b_, a)))
+        d_hi = np.where(live, nearest * (1 - nearest), 0.0) * (1 + 2 * c)
+        flat = live & (z_lo > cut) & (z_hi < -cut)
+        d_lo = np.where(flat, np.minimum(sa * (1 - sa), sb * (1 - sb)), 0.0) * (1 + 2 * c)
+        ja_l, ja_h = _times_slope(
+            d_lo[:, None, :], d_hi[:, None, :], jl[:, :, : k * m], jh[:, :, : k * m]
+        )
+        # [rows, in, K*m] -> [rows, K, m, in]; [rows, in, K] -> [rows, K, in]
+        ja_l = np.moveaxis(ja_l.reshape(rows, n_in, k, m), 1, -1)
+        ja_h = np.moveaxis(ja_h.reshape(rows, n_in, k, m), 1, -1)
+        jp_l, jp_h = np.moveaxis(jp_l, 1, -1), np.moveaxis(jp_h, 1, -1)
+        alloc = price = None
+        if point:
+            zc = z_lo
+            alloc = _sigmoid(zc).reshape(rows, k, m)
+            if c > 0:
+                alloc = np.clip((1 + 2 * c) * alloc - c, 0.0, 1.0)
+            price = s * _softplus(raw_lo)
+        return alloc, price, ja_l, ja_h, jp_l, jp_h
+
+
+def _times_slope(d_lo, d_hi, j_lo, j_hi):
+    """``{d * j}`` over ``d in [d_lo, d_hi]`` (``d_lo >= 0``) and ``j in [j_lo, j_hi]``."""
+    return np.minimum(d_lo * j_lo, d_hi * j_lo), np.maximum(d_lo * j_hi, d_hi * j_hi)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -874,6 +965,13 @@ class _Compatibility:
             self.edge_lo.append(lo)
             self.edge_hi.append(hi)
         self.others = [_others(self.n, self.m, i) for i in range(self.n)]
+        self.witness_index = np.asarray(
+            getattr(cert, "witness_index", np.zeros((0, 5))), np.int64
+        ).reshape(-1, 5)
+        self.witness_t = np.asarray(getattr(cert, "witness_t", np.zeros(0)), np.float64).reshape(-1)
+        if len(self.witness_t) != len(self.witness_index):
+            self.witness_index = self.witness_index[:0]
+            self.witness_t = self.witness_t[:0]
         self.tables = [
             _OffsetTable(
                 np.asarray(cert.offset_keys[i]),
@@ -882,6 +980,100 @@ class _Compatibility:
             )
             for i in range(self.n)
         ]
+
+    def relational(self, rows: np.ndarray, box_lo, box_size, chunk: int) -> np.ndarray:
+        """Whether each box of ``rows`` is certified by its relational witnesses.
+
+        Every pair of candidates ``(k0, k1)`` of the two bidders whose allocation bounds sum to
+        more than 1 on an item needs a witness ``(l0, l1, t)`` with
+        ``max_box [U_0(k0, l0) + t U_1(k1, l1)] < 0`` (module docstring of the certificate),
+        computed here from this module's own bounds and Jacobian enclosures.
+        """
+        k, m = self.k, self.m
+        out = np.zeros(len(rows), bool)
+        if self.n != 2 or self.net.unit_demand:
+            return out
+        order = np.argsort(self.witness_index[:, 0], kind="stable")
+        w_box = self.witness_index[order, 0]
+        step = max(1, min(chunk, 512))
+        for s in range(0, len(rows), step):
+            part = rows[s : s + step]
+            lo, size = box_lo[part], box_size[part]
+            first = np.searchsorted(w_box, part, "left")
+            last = np.searchsorted(w_box, part, "right")
+            spans = [order[a:b] for a, b in zip(first, last, strict=True)]
+            sel = np.concatenate([np.zeros(0, np.int64), *spans]).astype(np.int64)
+            local = np.searchsorted(part, self.witness_index[sel, 0])  # rows are sorted
+            affine, cand, a_top = [], [], []
+            v_lo, v_hi = self.extent(lo, size, list(range(2 * m)))
+            half = (v_hi - v_lo) * 0.5
+            for i in range(2):
+                own = slice(i * m, (i + 1) * m)
+                dims = self.others[i]
+                usage = self.usage(i, lo, size, v_lo[:, own], v_hi[:, own])
+                inv, a_lo, a_hi, _, _, o_lo, o_hi = self._bidder_bounds(i, lo, size)
+                top = np.where(a_hi > 0.0, np.minimum(a_hi + self.alloc_tolerance, 1.0), 0.0)
+                x_lo, x_hi = self.extent(lo[:, dims], size[:, dims], dims)
+                alloc, price, d_a, d_p, r_a, r_p = self.net.jacobian(i, x_lo, x_hi)
+                c_own = (v_lo[:, own] + v_hi[:, own]) * 0.5
+                w_own, w_oth = half[:, own], (x_hi - x_lo) * 0.5
+                base = np.einsum("bm,bkm->bk", c_own, alloc) - price
+                g_own = alloc
+                g_oth = np.einsum("bm,bkmd->bkd", c_own, d_a) - d_p
+                d_alpha = np.maximum(top[inv] - alloc, alloc - a_lo[inv])
+                r_phi = np.einsum("bm,bkmd->bkd", np.abs(c_own), r_a) + r_p
+                rho = np.einsum("bm,bkm->bk", w_own, d_alpha) + np.einsum(
+                    "bd,bkd->bk", w_oth, r_phi
+                )
+                zeros = np.zeros((len(part), 1))
+                # element K (null): utility exactly -offset, no slope, no remainder
+                upper = np.concatenate([base - o_lo[inv, :k], -o_lo[inv, k:]], 1)
+                lower = np.concatenate([base - o_hi[inv, :k], -o_hi[inv, k:]], 1)
+                rho = np.concatenate([rho, zeros], 1)
+                # slopes in the global coordinates (v_0, v_1)
+                grad = np.concatenate([g_own, g_oth] if i == 0 else [g_oth, g_own], -1)
+                grad = np.concatenate([grad, np.zeros((len(part), 1, 2 * m))], 1)
+                affine.append((upper, lower, rho, grad))
+                cand.append(usage.cand)
+                a_top.append(top[inv])
+            w_glob = half  # the box's half-widths (inflated), global coordinates
+            # required pairs: candidates whose allocation bounds overflow an item together
+            t0, t1 = a_top
+            over = np.any(
+                (t0[:, :, None, :] > 0)
+                & (t1[:, None, :, :] > 0)
+                & (t0[:, :, None, :] + t1[:, None, :, :] > 1.0),
+                axis=-1,
+            )
+            need = over & cand[0][:, :, None] & cand[1][:, None, :]
+            # each witness's value
+            wi = self.witness_index[sel]
+            t = self.witness_t[sel]
+            valid = np.isfinite(t) & (t >= 0) & np.all((wi[:, 1:] >= 0) & (wi[:, 1:] <= k), axis=1)
+            valid &= (wi[:, 1] < k) & (wi[:, 2] < k)
+            wi = np.where(valid[:, None], wi, 0)
+            t = np.where(valid, t, 0.0)
+            b = local
+            phi = np.zeros(len(sel))
+            slope = np.zeros((len(sel), 2 * m))
+            for i, (kk, ll) in enumerate(((wi[:, 1], wi[:, 3]), (wi[:, 2], wi[:, 4]))):
+                upper, lower, rho, grad = affine[i]
+                weight = 1.0 if i == 0 else t
+                const = upper[b, kk] - lower[b, ll] + rho[b, kk] + rho[b, ll]
+                const = const + self.utility_tolerance
+                phi = phi + weight * const
+                slope = slope + (weight if i == 0 else t[:, None]) * (grad[b, kk] - grad[b, ll])
+            phi = phi + np.sum(np.abs(slope) * w_glob[b], axis=1) + _WITNESS_ATOL * (1 + t)
+            good = valid & (phi < 0.0)
+            k1 = k + 1
+            have = (b[good] * k1 + wi[good, 1]) * k1 + wi[good, 2]
+            rb, r0, r1 = np.nonzero(need)
+            required = (rb * k1 + r0) * k1 + r1
+            missing = ~np.isin(required, have)
+            ok = np.ones(len(part), bool)
+            ok[rb[missing]] = False
+            out[s : s + step] = ok
+        return out
 
     def extent(
         self, lo: np.ndarray, size: np.ndarray, dims: list[int]
@@ -968,6 +1160,8 @@ class _Compatibility:
                 use[i, rows] = self.usage(i, lo, size, v_lo, v_hi).use
         total = use.sum(axis=0)  # [boxes, m]
         bad = np.flatnonzero(np.any(total > 1.0, axis=1))
+        if len(bad) and len(self.witness_t):
+            bad = bad[~self.relational(bad, box_lo, box_size, chunk)]
         all_dims = list(range(n * m))
         for r in bad.tolist():
             if len(fail.messages) >= fail.limit:

@@ -6,7 +6,7 @@ from flax import nnx
 
 from diffecon import check_mechanism, get_setting
 from gemnet import GemNet, GemNetConfig, choose, menu_bounds, menu_utilities
-from gemnet.model import others_bids
+from gemnet.model import menu_jacobians, others_bids
 
 SMALL = GemNetConfig(menu_size=6, hidden=16)
 
@@ -129,3 +129,54 @@ def test_clipped_allocations_reach_exact_zero_and_one():
     assert np.all(upper >= alloc) and np.any(upper == 0.0) and np.all(upper[alloc > 0] > 0)
     with pytest.raises(ValueError, match="alloc_clip"):
         _model("additive_2x2_uniform", config=GemNetConfig(alloc_clip=1.5))
+
+
+def _sampled_jacobians(model, bids):
+    """``(d_alloc [B, n, K+1, m, in], d_price [B, n, K+1, in])`` of each bidder's menu w.r.t.
+    its own input ``b_-i`` (two bidders), by forward-mode autodiff of ``model.menus``."""
+
+    def menus(b):
+        out = model.menus(b)
+        return out.alloc, out.price
+
+    ja, jp = jax.vmap(jax.jacfwd(menus))(bids)  # [B, n, K+1, m, n, m], [B, n, K+1, n, m]
+    d_alloc = jnp.stack([ja[:, 0, :, :, 1], ja[:, 1, :, :, 0]], 1)
+    d_price = jnp.stack([jp[:, 0, :, 1], jp[:, 1, :, 0]], 1)
+    return d_alloc, d_price
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.1])
+def test_menu_jacobians_enclose_sampled_jacobians(clip):
+    setting = get_setting("additive_2x2_uniform")
+    config = GemNetConfig(menu_size=6, hidden=16, alloc_clip=clip, init_logit_scale=4.0)
+    model = GemNet.for_setting(setting, config, rngs=nnx.Rngs(5))
+    lo = jax.random.uniform(jax.random.key(0), (32, 2, 2)) * 0.8
+    hi = lo + jax.random.uniform(jax.random.key(1), (32, 2, 2)) * 0.2
+    mj = menu_jacobians(model, others_bids(lo), others_bids(hi))
+    assert mj.d_alloc.shape == (32, 2, 7, 2, 2) and mj.r_price.shape == (32, 2, 7, 2)
+    # the centre's menu is the forward pass there
+    centre = model.menus((lo + hi) / 2)
+    np.testing.assert_allclose(mj.alloc, centre.alloc, atol=1e-6)
+    np.testing.assert_allclose(mj.price, centre.price, rtol=1e-6, atol=1e-6)
+    for t in range(6):
+        u = jax.random.uniform(jax.random.key(10 + t), lo.shape)
+        d_alloc, d_price = _sampled_jacobians(model, lo + (hi - lo) * u)
+        assert np.all(np.abs(d_alloc - mj.d_alloc) <= mj.r_alloc + 1e-5)
+        assert np.all(np.abs(d_price - mj.d_price) <= mj.r_price + 1e-5)
+    # not vacuous: at a point the enclosure is the exact Jacobian
+    point = menu_jacobians(model, others_bids(lo), others_bids(lo))
+    d_alloc, d_price = _sampled_jacobians(model, lo)
+    np.testing.assert_allclose(point.d_price, d_price, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(point.d_alloc, d_alloc, rtol=1e-4, atol=1e-5)
+    assert float(jnp.max(point.r_price)) < 1e-5
+    assert float(jnp.mean(mj.r_price)) > 0.0
+
+
+def test_menu_jacobians_reject_what_they_do_not_cover():
+    unit = GemNet.for_setting(get_setting("unit_2x2_uniform"), rngs=nnx.Rngs(0))
+    x = jnp.zeros((1, 2, 2))
+    with pytest.raises(NotImplementedError, match="additive"):
+        menu_jacobians(unit, x, x)
+    one = GemNet.for_setting(get_setting("additive_1x2_uniform"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="two or more bidders"):
+        menu_jacobians(one, jnp.ones((1, 1, 1)), jnp.ones((1, 1, 1)))

@@ -570,3 +570,75 @@ def test_builder_certificate_verifies_and_needs_its_offsets(repaired_2x2):
     )
     report = verify_certificate(model, setting, bare)
     assert _failed(report) == {"compatibility"} and report.n_uncertified > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Relational certificates (two bidders): the Jacobian enclosure and the witnesses.
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.1])
+def test_verifier_jacobian_encloses_sampled_jacobians_and_matches_the_builder(clip):
+    import jax
+
+    from gemnet.model import menu_jacobians, others_bids
+
+    setting = get_setting("additive_2x2_uniform")
+    config = GemNetConfig(menu_size=6, hidden=16, alloc_clip=clip, init_logit_scale=4.0)
+    model = GemNet.for_setting(setting, config, rngs=nnx.Rngs(7))
+    net = _MenuBounds(model, setting)
+    rng = np.random.default_rng(1)
+    lo = rng.uniform(0.0, 0.8, (24, 2, 2))
+    hi = lo + rng.uniform(0.0, 0.2, (24, 2, 2))
+
+    def menus(b):
+        out = model.menus(b)
+        return out.alloc, out.price
+
+    builder = menu_jacobians(model, others_bids(jnp.asarray(lo)), others_bids(jnp.asarray(hi)))
+    for i in range(2):
+        other = 1 - i
+        alloc, price, d_a, d_p, r_a, r_p = net.jacobian(i, lo[:, other], hi[:, other])
+        np.testing.assert_allclose(alloc, builder.alloc[:, i, :-1], atol=1e-6)
+        np.testing.assert_allclose(price, builder.price[:, i, :-1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d_p, builder.d_price[:, i, :-1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(d_a, builder.d_alloc[:, i, :-1], rtol=1e-4, atol=1e-5)
+        for _ in range(5):
+            bids = jnp.asarray(lo + (hi - lo) * rng.uniform(size=lo.shape), jnp.float32)
+            ja, jp = jax.vmap(jax.jacfwd(menus))(bids)
+            assert np.all(np.abs(ja[:, i, :-1, :, other] - d_a) <= r_a + 1e-5)
+            assert np.all(np.abs(jp[:, i, :-1, other] - d_p) <= r_p + 1e-5)
+
+
+def test_relational_witnesses_are_checked(repaired_2x2):
+    setting, model, _, cert = repaired_2x2
+    boxes = np.unique(cert.witness_index[:, 0])
+    assert len(boxes) > 0 and cert.stats["relational_boxes"] == len(boxes)
+    assert verify_certificate(model, setting, cert).ok
+    # without its witnesses each relational box is uncertified (its candidate sets conflict)
+    bare = dataclasses.replace(
+        cert, witness_index=cert.witness_index[:0], witness_t=cert.witness_t[:0]
+    )
+    report = verify_certificate(model, setting, bare)
+    assert _failed(report) == {"compatibility"} and report.n_uncertified == len(boxes)
+    # a witness whose other element is the conflicting one itself proves nothing
+    same = cert.witness_index.copy()
+    same[:, 3] = same[:, 1]
+    same[:, 4] = same[:, 2]
+    report = verify_certificate(model, setting, dataclasses.replace(cert, witness_index=same))
+    assert not report.ok and report.n_uncertified > 0
+    # nor does a negative or non-finite multiplier
+    for t in (-1.0, np.nan):
+        bad_t = np.full_like(cert.witness_t, t)
+        report = verify_certificate(model, setting, dataclasses.replace(cert, witness_t=bad_t))
+        assert not report.ok
+
+
+def test_repair_without_the_relational_test_certifies_box_by_box(tiny_2x2):
+    from gemnet import RepairConfig, repair
+
+    setting, model = tiny_2x2
+    _, cert = repair(
+        model, setting, RepairConfig(max_level=3, workers=1, progress=False, relational=False)
+    )
+    assert len(cert.witness_t) == 0 and cert.stats["relational_boxes"] == 0
+    assert verify_certificate(model, setting, cert).ok
