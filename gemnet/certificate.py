@@ -34,8 +34,9 @@ candidates ``(k0, k1)`` of bidders 0 and 1 whose allocation bounds sum to more t
 ``witness_index`` holds a row ``(box, k0, k1, l0, l1)`` and ``witness_t`` a ``t >= 0`` such that
 ``max_{v in box} [U_0(k0, l0)(v) + t U_1(k1, l1)(v)] < 0``, where ``U_i(k, l)`` is a sound affine
 upper bound of ``u_ik - u_il + utility_tolerance`` over the box (mean-value form: the menu and its
-Jacobian in ``b_-i`` at the box's centre, an interval enclosure of the Jacobian over the box, and
-interval bounds of the allocations). Bidder ``i`` can pick ``k`` over ``l`` only where
+Jacobian in ``b_-i`` at the box's centre, an interval enclosure of the Jacobian over the box as
+the union over ``bound_splits`` parts per coordinate of ``b_-i``, and interval bounds of the
+allocations). Bidder ``i`` can pick ``k`` over ``l`` only where
 ``U_i(k, l) >= 0``, so the two picks never happen together. ``verify_certificate`` re-derives all
 of that from the network's weights and this file.
 """

@@ -419,11 +419,17 @@ def menu_jacobians(
     model: GemNet,
     others_lo: Float[Array, "*batch bidders inputs"],
     others_hi: Float[Array, "*batch bidders inputs"],
+    *,
+    splits: int = 1,
 ) -> MenuJacobians:
     """Menus and Jacobians at the centre of ``[others_lo, others_hi]`` and how far the Jacobians
     move over the box (interval Jacobian by centre/radius arithmetic through the stacked MLP and
     the heads; additive bidders only). With the interval bounds of :func:`menu_bounds` this gives
-    sound affine bounds of every utility over a box (mean-value form)."""
+    sound affine bounds of every utility over a box (mean-value form).
+
+    ``splits``: the spread is the largest over ``splits`` equal parts per input coordinate (the
+    interval Jacobian's looseness shrinks with the part's width; the true spread does not).
+    """
     if model.valuation != "additive":
         raise NotImplementedError("menu_jacobians supports additive bidders only")
     if model.n_bidders == 1:
@@ -465,9 +471,19 @@ def menu_jacobians(
 
     centre = (others_lo + others_hi) / 2
     ac, _, pc, _ = heads(centre, centre)
-    a_c, a_r, p_c, p_r = heads(others_lo, others_hi)
-    r_alloc = jnp.abs(a_c - ac) + a_r
-    r_price = jnp.abs(p_c - pc) + p_r
+    d = others_lo.shape[-1]
+    parts = np.stack(np.meshgrid(*[np.arange(splits)] * d, indexing="ij"), -1).reshape(-1, d)
+    r_alloc = r_price = None
+    for f in parts:  # a static loop: splits ** inputs parts
+        sub_lo = others_lo + (others_hi - others_lo) * (f / splits)
+        sub_hi = jnp.where(
+            f + 1 == splits, others_hi, others_lo + (others_hi - others_lo) * ((f + 1) / splits)
+        )
+        a_c, a_r, p_c, p_r = heads(sub_lo, sub_hi)
+        ra, rp = jnp.abs(a_c - ac) + a_r, jnp.abs(p_c - pc) + p_r
+        r_alloc = ra if r_alloc is None else jnp.maximum(r_alloc, ra)
+        r_price = rp if r_price is None else jnp.maximum(r_price, rp)
+    assert r_alloc is not None and r_price is not None
     shift, scale = model.input_affine()
     logits, raw_price = model._head(model.raw_outputs((centre - shift) * scale))
     alloc = model._alloc_from_logits(logits)

@@ -371,8 +371,8 @@ def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
     return bounds
 
 
-REL_CANDIDATES = 4  # candidates per bidder the relational test handles (more: the box fails)
-REL_CHUNK = 512  # boxes per relational-test batch
+REL_CANDIDATES = 6  # candidates per bidder the relational test handles (more: the box fails)
+REL_CHUNK = 256  # boxes per relational-test batch
 
 
 def _relational_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
@@ -404,7 +404,7 @@ def _relational_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: 
         u_hi = jnp.sum(jnp.maximum(v_hi * a_top, v_hi * a_lo), -1) - p_lo - delta
         u_lo = jnp.sum(jnp.minimum(v_lo * a_lo, v_lo * a_top), -1) - p_hi - delta
         cand = u_hi >= jnp.max(u_lo, axis=-1, keepdims=True) - margin
-        mj = menu_jacobians(model, others_bids(rlo), others_bids(rhi))
+        mj = menu_jacobians(model, others_bids(rlo), others_bids(rhi), splits=splits)
         c, w = (rlo + rhi) / 2, (rhi - rlo) / 2  # [B, n, m]
         ow = others_bids(w)
         affine = jnp.einsum("bnm,bnkm->bnk", c, mj.alloc) - mj.price - delta

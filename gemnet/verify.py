@@ -357,11 +357,12 @@ class _MenuBounds:
         p_hi = self.price_scale * _softplus(raw_hi) * (1.0 + 8 * _EPS)
         return a_lo, a_hi, p_lo, p_hi
 
-    def jacobian(self, bidder: int, x_lo: np.ndarray, x_hi: np.ndarray):
+    def jacobian(self, bidder: int, x_lo: np.ndarray, x_hi: np.ndarray, splits: int = 1):
         """Menu of ``bidder`` at the centre of boxes of ``b_-bidder`` with its Jacobian there, and
         how far the Jacobian can move over the box (additive bidders).
 
-        The enclosure is interval arithmetic in lower/upper form (``[JL, JH] @ W`` as ``JL @ W+ +
+        The box is taken as the union of ``splits`` equal parts per coordinate; the enclosure of
+        each part is interval arithmetic in lower/upper form (``[JL, JH] @ W`` as ``JL @ W+ +
         JH @ W-`` and back; slopes of tanh, sigmoid and softplus bounded over each pre-activation
         interval), independent of the builder's centre/radius form.
 
@@ -371,12 +372,18 @@ class _MenuBounds:
           ``d_*``.
         """
         centre = (x_lo + x_hi) * 0.5
-        point = self._jacobian_intervals(bidder, centre, centre)
-        box = self._jacobian_intervals(bidder, x_lo, x_hi)
-        (a_c, p_c, ja_c, _, jp_c, _), (_, _, ja_l, ja_h, jp_l, jp_h) = point, box
+        a_c, p_c, ja_c, _, jp_c, _ = self._jacobian_intervals(bidder, centre, centre)
         assert a_c is not None and p_c is not None  # a point box evaluates the menu
-        r_a = np.maximum(ja_h - ja_c, ja_c - ja_l)
-        r_p = np.maximum(jp_h - jp_c, jp_c - jp_l)
+        r_a, r_p = np.zeros_like(ja_c), np.zeros_like(jp_c)
+        dims = x_lo.shape[1]
+        edges = [x_lo + (x_hi - x_lo) * (q / splits) for q in range(splits)] + [x_hi]
+        for part in np.ndindex(*(splits,) * dims):  # the box as the union of its parts
+            idx = np.arange(dims)
+            p_lo = np.stack([edges[q][:, d] for d, q in zip(idx, part, strict=True)], 1)
+            p_hi = np.stack([edges[q + 1][:, d] for d, q in zip(idx, part, strict=True)], 1)
+            _, _, ja_l, ja_h, jp_l, jp_h = self._jacobian_intervals(bidder, p_lo, p_hi)
+            r_a = np.maximum(r_a, np.maximum(ja_h - ja_c, ja_c - ja_l))
+            r_p = np.maximum(r_p, np.maximum(jp_h - jp_c, jp_c - jp_l))
         # float64 rounding of these few hundred operations, bounded generously
         r_a = r_a + _JAC_RTOL * (np.abs(ja_c) + r_a) + _JAC_ATOL
         r_p = r_p + _JAC_RTOL * (np.abs(jp_c) + r_p) + _JAC_ATOL
@@ -1014,7 +1021,9 @@ class _Compatibility:
                 inv, a_lo, a_hi, _, _, o_lo, o_hi = self._bidder_bounds(i, lo, size)
                 top = np.where(a_hi > 0.0, np.minimum(a_hi + self.alloc_tolerance, 1.0), 0.0)
                 x_lo, x_hi = self.extent(lo[:, dims], size[:, dims], dims)
-                alloc, price, d_a, d_p, r_a, r_p = self.net.jacobian(i, x_lo, x_hi)
+                alloc, price, d_a, d_p, r_a, r_p = self.net.jacobian(
+                    i, x_lo, x_hi, self.bound_splits
+                )
                 c_own = (v_lo[:, own] + v_hi[:, own]) * 0.5
                 w_own, w_oth = half[:, own], (x_hi - x_lo) * 0.5
                 base = np.einsum("bm,bkm->bk", c_own, alloc) - price

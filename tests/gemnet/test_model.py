@@ -145,14 +145,14 @@ def _sampled_jacobians(model, bids):
     return d_alloc, d_price
 
 
-@pytest.mark.parametrize("clip", [0.0, 0.1])
-def test_menu_jacobians_enclose_sampled_jacobians(clip):
+@pytest.mark.parametrize("clip, splits", [(0.0, 1), (0.1, 1), (0.1, 3)])
+def test_menu_jacobians_enclose_sampled_jacobians(clip, splits):
     setting = get_setting("additive_2x2_uniform")
     config = GemNetConfig(menu_size=6, hidden=16, alloc_clip=clip, init_logit_scale=4.0)
     model = GemNet.for_setting(setting, config, rngs=nnx.Rngs(5))
     lo = jax.random.uniform(jax.random.key(0), (32, 2, 2)) * 0.8
     hi = lo + jax.random.uniform(jax.random.key(1), (32, 2, 2)) * 0.2
-    mj = menu_jacobians(model, others_bids(lo), others_bids(hi))
+    mj = menu_jacobians(model, others_bids(lo), others_bids(hi), splits=splits)
     assert mj.d_alloc.shape == (32, 2, 7, 2, 2) and mj.r_price.shape == (32, 2, 7, 2)
     # the centre's menu is the forward pass there
     centre = model.menus((lo + hi) / 2)
@@ -170,6 +170,10 @@ def test_menu_jacobians_enclose_sampled_jacobians(clip):
     np.testing.assert_allclose(point.d_alloc, d_alloc, rtol=1e-4, atol=1e-5)
     assert float(jnp.max(point.r_price)) < 1e-5
     assert float(jnp.mean(mj.r_price)) > 0.0
+    if splits > 1:  # parts only tighten the enclosure
+        whole = menu_jacobians(model, others_bids(lo), others_bids(hi))
+        assert np.all(mj.r_price <= whole.r_price + 1e-6)
+        assert float(jnp.mean(mj.r_price)) < float(jnp.mean(whole.r_price))
 
 
 def test_menu_jacobians_reject_what_they_do_not_cover():

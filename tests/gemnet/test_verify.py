@@ -597,7 +597,7 @@ def test_verifier_jacobian_encloses_sampled_jacobians_and_matches_the_builder(cl
     builder = menu_jacobians(model, others_bids(jnp.asarray(lo)), others_bids(jnp.asarray(hi)))
     for i in range(2):
         other = 1 - i
-        alloc, price, d_a, d_p, r_a, r_p = net.jacobian(i, lo[:, other], hi[:, other])
+        alloc, price, d_a, d_p, r_a, r_p = net.jacobian(i, lo[:, other], hi[:, other], 2)
         np.testing.assert_allclose(alloc, builder.alloc[:, i, :-1], atol=1e-6)
         np.testing.assert_allclose(price, builder.price[:, i, :-1], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(d_p, builder.d_price[:, i, :-1], rtol=1e-4, atol=1e-5)
