@@ -261,6 +261,7 @@ class _Offsets:
             )
         self.table: dict[int, np.ndarray] = {}
         self._count: np.ndarray | None = None
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     def keys_of(self, lo: np.ndarray) -> np.ndarray:
         return lo[:, self.dims] @ self.strides if self.dims else np.zeros(len(lo), np.int64)
@@ -271,6 +272,7 @@ class _Offsets:
         else:
             self.table.pop(key, None)
         self._count = None
+        self._arrays = None
 
     def _prefix(self, keys: list[int]) -> np.ndarray:
         mark = np.zeros(self.shape, np.int32).ravel()
@@ -301,12 +303,17 @@ class _Offsets:
         """``[boxes, K + 1]`` offsets of boxes whose projection is one cell."""
         out = np.zeros((len(lo), self.k1))
         if self.table:
-            keys = self.keys_of(lo)
-            for row, key in enumerate(keys):
-                hit = self.table.get(int(key))
-                if hit is not None:
-                    out[row] = hit
+            keys, values = self._sorted()
+            want = self.keys_of(lo)
+            pos = np.clip(np.searchsorted(keys, want), 0, len(keys) - 1)
+            hit = keys[pos] == want
+            out[hit] = values[pos[hit]]
         return out
+
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = self.arrays()
+        return self._arrays
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         keys = np.asarray(sorted(self.table), np.int64)
@@ -1080,6 +1087,7 @@ def _discrete_revenue_repair(model, setting, grid, offsets, checker, config, sca
     for off, table in zip(offsets, saved, strict=True):  # fall back to the staged repair
         off.table = table
         off._count = None
+        off._arrays = None
     stats["discrete_revenue_milp"]["certified"] = False
     return False
 
