@@ -289,7 +289,8 @@ def test_committed_gemnet_2x2_certificate_verifies():
     report = verify_certificate(model, setting, cert)
     assert report.ok, report.failures
     assert len(cert.witness_t) > 0  # the committed repair used the relational test
-    records = json.loads(open("benchmarks/results/gemnet/g2x2/gemnet.json").read())
+    with open("benchmarks/results/gemnet/g2x2/gemnet.json") as f:
+        records = json.load(f)
     revenue = [
         r for r in records if r["mechanism"] == "gemnet_repaired" and r["metric"] == "revenue"
     ]
