@@ -293,6 +293,14 @@ def _interval_softmax(lo, hi):
     return low, high
 
 
+def _affine_interval(lo, hi, w, b):
+    """Bounds of ``x @ w + b`` per bidder (``w [n, in, out]``) over ``x in [lo, hi]``."""
+    centre, radius = (lo + hi) / 2, (hi - lo) / 2
+    c = jnp.einsum("...ni,nio->...no", centre, w) + b
+    r = jnp.einsum("...ni,nio->...no", radius, jnp.abs(w))
+    return c - r, c + r
+
+
 def menu_bounds(
     model: GemNet,
     others_lo: Float[Array, "*batch bidders inputs"],
@@ -322,10 +330,7 @@ def menu_bounds(
         lo, hi = (others_lo - shift) * scale, (others_hi - shift) * scale
     last = len(model.weights) - 1
     for layer, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
-        centre, radius = (lo + hi) / 2, (hi - lo) / 2
-        c = jnp.einsum("...ni,nio->...no", centre, w[...]) + b[...]
-        r = jnp.einsum("...ni,nio->...no", radius, jnp.abs(w[...]))
-        lo, hi = c - r, c + r
+        lo, hi = _affine_interval(lo, hi, w[...], b[...])
         if layer < last:
             lo, hi = jnp.tanh(lo), jnp.tanh(hi)
     logit_lo, price_lo = model._head(lo)
@@ -390,10 +395,7 @@ def _interval_jacobian(model: GemNet, lo, hi):
     jr = jnp.zeros_like(jc)
     last = len(model.weights) - 1
     for layer, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
-        centre, radius = (x_lo + x_hi) / 2, (x_hi - x_lo) / 2
-        c = jnp.einsum("...ni,nio->...no", centre, w[...]) + b[...]
-        r = jnp.einsum("...ni,nio->...no", radius, jnp.abs(w[...]))
-        z_lo, z_hi = c - r, c + r
+        z_lo, z_hi = _affine_interval(x_lo, x_hi, w[...], b[...])
         jc = jnp.einsum("...nji,nio->...njo", jc, w[...])
         jr = jnp.einsum("...nji,nio->...njo", jr, jnp.abs(w[...]))
         if layer < last:

@@ -348,20 +348,25 @@ def split_menu_bounds(model: GemNet, others_lo, others_hi, splits: int):
     )
 
 
+def _utility_bounds(model: GemNet, rlo, rhi, alloc_tol: float, splits: int):
+    """Interval bounds over boxes ``rlo/rhi [B, n, m]`` before offsets: ``(a_lo, a_top, u_lo,
+    u_hi)``, ``a_top`` the allocation upper bounds plus the float32 slack (capped at 1; the null
+    element stays 0)."""
+    a_lo, a_hi, p_lo, p_hi = split_menu_bounds(model, others_bids(rlo), others_bids(rhi), splits)
+    a_top = jnp.where(a_hi > 0.0, jnp.minimum(a_hi + alloc_tol, 1.0), 0.0)
+    a_top = a_top.at[..., -1, :].set(0.0)
+    # (inflated boxes can reach below a support starting at 0: take the right corner)
+    v_hi, v_lo = rhi[..., None, :], rlo[..., None, :]
+    u_hi = jnp.sum(jnp.maximum(v_hi * a_top, v_hi * a_lo), -1) - p_lo
+    u_lo = jnp.sum(jnp.minimum(v_lo * a_lo, v_lo * a_top), -1) - p_hi
+    return a_lo, a_top, u_lo, u_hi
+
+
 def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
     @jax.jit
     def bounds(rlo, rhi, delta, active):
         """rlo/rhi [B, n, m]; delta [B, n, K+1] exact offsets; active [n] in {0, 1}."""
-        a_lo, a_hi, p_lo, p_hi = split_menu_bounds(
-            model, others_bids(rlo), others_bids(rhi), splits
-        )
-        # slack for float32 rounding, capped at 1 (allocations never exceed it); null stays 0
-        a_hi = jnp.where(a_hi > 0.0, jnp.minimum(a_hi + alloc_tol, 1.0), 0.0)
-        a_hi = a_hi.at[..., -1, :].set(0.0)
-        # (inflated boxes can reach below a support starting at 0: take the right corner)
-        v_hi, v_lo = rhi[..., None, :], rlo[..., None, :]
-        u_hi0 = jnp.sum(jnp.maximum(v_hi * a_hi, v_hi * a_lo), -1) - p_lo
-        u_lo0 = jnp.sum(jnp.minimum(v_lo * a_lo, v_lo * a_hi), -1) - p_hi
+        _, a_hi, u_lo0, u_hi0 = _utility_bounds(model, rlo, rhi, alloc_tol, splits)
         u_hi, u_lo = u_hi0 - delta, u_lo0 - delta
         best = jnp.max(u_lo, axis=-1, keepdims=True)
         # The builder (float32) is stricter than the certificate's rule, so that the float64
@@ -402,14 +407,8 @@ def _relational_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: 
 
     @jax.jit
     def rel(rlo, rhi, delta):
-        a_lo, a_hi, p_lo, p_hi = split_menu_bounds(
-            model, others_bids(rlo), others_bids(rhi), splits
-        )
-        a_top = jnp.where(a_hi > 0.0, jnp.minimum(a_hi + alloc_tol, 1.0), 0.0)
-        a_top = a_top.at[..., -1, :].set(0.0)
-        v_hi, v_lo = rhi[..., None, :], rlo[..., None, :]
-        u_hi = jnp.sum(jnp.maximum(v_hi * a_top, v_hi * a_lo), -1) - p_lo - delta
-        u_lo = jnp.sum(jnp.minimum(v_lo * a_lo, v_lo * a_top), -1) - p_hi - delta
+        a_lo, a_top, u_lo, u_hi = _utility_bounds(model, rlo, rhi, alloc_tol, splits)
+        u_lo, u_hi = u_lo - delta, u_hi - delta
         cand = u_hi >= jnp.max(u_lo, axis=-1, keepdims=True) - margin
         mj = menu_jacobians(model, others_bids(rlo), others_bids(rhi), splits=splits)
         c, w = (rlo + rhi) / 2, (rhi - rlo) / 2  # [B, n, m]
