@@ -10,7 +10,7 @@ independently of the code that built it.
 from gemnet.certificate import Certificate, load_certificate, save_certificate
 from gemnet.evaluate import OverAllocationSearch, adversarial_over_allocation, repair_breakdown
 from gemnet.model import GemNet, GemNetConfig, Menus, choose, menu_bounds, menu_utilities
-from gemnet.repair import RepairConfig, RepairedGemNet, RepairError, repair
+from gemnet.repair import RepairConfig, RepairedGemNet, RepairError, certifiable_share, repair
 from gemnet.train import (
     GemNetTrainConfig,
     incompatibility,
@@ -34,6 +34,7 @@ __all__ = [
     "VerificationReport",
     "adversarial_over_allocation",
     "assert_certified",
+    "certifiable_share",
     "choose",
     "incompatibility",
     "load_certificate",

@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from diffecon.distributions import Discrete, IndependentValues
+from diffecon.evaluation import Estimate
 from diffecon.outcome import Outcome, check_bids
 from diffecon.settings import Setting
 from gemnet.certificate import Certificate, params_digest
@@ -54,7 +55,7 @@ from gemnet.milp import (
 )
 from gemnet.model import GemNet, Menus, choose, menu_bounds, menu_jacobians, others_bids
 
-__all__ = ["RepairConfig", "RepairError", "RepairedGemNet", "repair"]
+__all__ = ["RepairConfig", "RepairError", "RepairedGemNet", "certifiable_share", "repair"]
 
 
 BUILDER_SLACK = 1.5  # the builder's candidate slack, in units of the certificate's
@@ -215,13 +216,21 @@ def _make_grid(setting: Setting, max_level: int) -> _Grid:
     )
 
 
-def _initial_boxes(grid: _Grid, start_level: int) -> tuple[np.ndarray, np.ndarray]:
+def _initial_boxes(grid: _Grid, start_level: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
     axes, sizes = [], []
     for d in range(len(grid.cell_lo)):
         cells = len(grid.cell_lo[d])
         step = 1 if grid.discrete[d] else cells // 2 ** min(start_level, grid.levels[d])
         axes.append(np.arange(0, cells, step))
         sizes.append(step)
+    count = math.prod(len(a) for a in axes)
+    if count > max_boxes:
+        raise RepairError(
+            f"the initial partition has {count:.3g} boxes ({len(axes)} coordinates of the profile "
+            f"space, {[len(a) for a in axes]} cells each), above max_boxes = {max_boxes}: the "
+            "repair's grid grows as 2^(level * bidders * items); lower start_level or use a "
+            "smaller setting"
+        )
     lo = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes)).astype(np.int64)
     return lo, np.broadcast_to(np.asarray(sizes, np.int64), lo.shape).copy()
 
@@ -603,6 +612,52 @@ class _Checker:
         return [np.concatenate(parts) for parts in zip(*results, strict=True)]
 
 
+def certifiable_share(
+    model: GemNet,
+    setting: Setting,
+    *,
+    level: int,
+    key: PRNGKeyArray,
+    n_boxes: int = 4096,
+    config: RepairConfig = RepairConfig(),
+) -> Estimate:
+    """Share of the boxes of the uniform level-``level`` grid that the interval test certifies
+    with the trained prices (no repair), estimated on ``n_boxes`` boxes drawn uniformly.
+
+    A diagnostic of how fine the repair's partition must become: a uniform grid has
+    ``2^(level * bidders * items)`` boxes, and every box of the final partition must be certified
+    (by the trained prices or by raised ones). Discrete coordinates are drawn point by point.
+
+    Raises:
+      ValueError: a setting the repair cannot handle, or ``level`` / ``n_boxes`` out of range.
+    """
+    if not 0 <= level <= 20:
+        raise ValueError(f"level must be in [0, 20], got {level}")
+    if n_boxes < 1:
+        raise ValueError(f"n_boxes must be positive, got {n_boxes}")
+    grid = _make_grid(setting, level)
+    cells = jnp.asarray(grid.cells, jnp.int32)
+    lo = np.asarray(jax.random.randint(key, (n_boxes, len(grid.cell_lo)), 0, cells), np.int64)
+    rlo, rhi = grid.bounds(lo, np.ones_like(lo), config.box_inflation)
+    n, m, k1 = model.n_bidders, model.n_items, model.menu_size + 1
+    scale = model.price_scale
+    fn = _bound_fn(
+        model,
+        config.utility_tolerance * scale,
+        config.alloc_tolerance,
+        effective_splits(config.bound_splits, model),
+    )
+    active = jnp.ones(n, jnp.float32)
+    ok = []
+    for s in range(0, n_boxes, config.chunk):
+        b = min(config.chunk, n_boxes - s)
+        args = [jnp.asarray(x[s : s + b].reshape(b, n, m), jnp.float32) for x in (rlo, rhi)]
+        out = fn(*args, jnp.zeros((b, n, k1), jnp.float32), active)
+        ok.append(np.asarray(jax.device_get(out[0])))
+    share = float(np.mean(np.concatenate(ok)))
+    return Estimate(share, math.sqrt(share * (1.0 - share) / n_boxes), n_boxes)
+
+
 def effective_splits(splits: int, model: GemNet) -> int:
     """``splits`` reduced until ``splits ** inputs <= 64`` (``inputs``: coordinates of ``b_-i``)."""
     inputs = max((model.n_bidders - 1) * model.n_items, 1)
@@ -782,7 +837,7 @@ def repair(
     offsets = [_Offsets(grid, i, k1) for i in range(n)]
     checker = _Checker(model, grid, offsets, config, scale)
     workers = config.workers or os.cpu_count() or 1
-    lo, size = _initial_boxes(grid, config.start_level)
+    lo, size = _initial_boxes(grid, config.start_level, config.max_boxes)
     stats: dict[str, Any] = {
         "rounds": 0,
         "milps": 0,
@@ -1085,7 +1140,7 @@ def _discrete_revenue_repair(model, setting, grid, offsets, checker, config, sca
         base = off.exact(lo_idx)
         for c, key in enumerate(off.keys_of(lo_idx)):
             off.set(int(key), base[c] + rises[i, c])
-    lo, size = _initial_boxes(grid, config.start_level)
+    lo, size = _initial_boxes(grid, config.start_level, config.max_boxes)
     ok, _ = checker.run(lo, size, np.ones(n, np.float32))
     if np.all(ok):
         return True

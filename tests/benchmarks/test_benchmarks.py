@@ -57,6 +57,7 @@ def test_gemnet_quick_smoke_run(tmp_path):
             "--settings",
             "additive_1x2_uniform",
             "additive_2x2_uniform",
+            "additive_3x10_uniform",
             "--out",
             str(out),
         ]
@@ -64,6 +65,18 @@ def test_gemnet_quick_smoke_run(tmp_path):
     assert code == 0
     records = _records(out / "gemnet.json")
     by = {(r["setting"], r["mechanism"], r["metric"]): r for r in records}
+    # before repair, the share of certifiable grid boxes is measured level by level
+    shares = [
+        by[("additive_2x2_uniform", "gemnet_unrepaired", f"certifiable_share_level_{lv}")]
+        for lv in range(5)
+    ]
+    assert all(0.0 <= r["value"] <= 1.0 and r["n_samples"] == 512 for r in shares)
+    assert shares[0]["grid_boxes"] == 1 and shares[4]["grid_boxes"] == 2.0**16
+    # 3x10: the repair's grid cannot hold 30 coordinates; that is reported, not hidden
+    failed = by[("additive_3x10_uniform", "gemnet_unrepaired", "certified")]
+    assert failed["value"] == 0.0 and "offset grid" in failed["reason"]
+    assert ("additive_3x10_uniform", "gemnet_unrepaired", "over_allocation_rate") in by
+    assert ("additive_3x10_uniform", "gemnet_unrepaired", "adversarial_over_allocation") in by
     assert by[("additive_1x2_uniform", "rochetnet", "over_allocation_rate")]["value"] == 0.0
     assert by[("additive_2x2_uniform", "gemnet_repaired", "certified")]["value"] == 1.0
     assert by[("additive_2x2_uniform", "gemnet_repaired", "over_allocation_rate")]["value"] == 0.0

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from diffecon import (
     Exponential,
@@ -16,7 +17,16 @@ from diffecon import (
     get_setting,
     regret_search,
 )
-from gemnet import RepairConfig, RepairError, load_certificate, repair, save_certificate
+from gemnet import (
+    GemNet,
+    GemNetConfig,
+    RepairConfig,
+    RepairError,
+    certifiable_share,
+    load_certificate,
+    repair,
+    save_certificate,
+)
 from gemnet.milp import CellProblem, discrete_revenue_milp, solve_cell, tighten_prices
 
 FAST = RepairConfig(max_level=3, workers=1, progress=False)
@@ -95,6 +105,36 @@ def test_repair_gives_up_clearly_when_rounds_run_out(tiny_2x2):
     setting, model = tiny_2x2
     with pytest.raises(RepairError, match="MILP rounds"):
         repair(model, setting, dataclasses.replace(FAST, max_rounds=0))
+
+
+def test_repair_refuses_a_profile_space_too_large_for_its_grid(tiny_2x2):
+    setting, model = tiny_2x2
+    with pytest.raises(RepairError, match="initial partition has 16 boxes"):
+        repair(model, setting, dataclasses.replace(FAST, max_boxes=10))
+    big = get_setting("additive_3x10_uniform")
+    net = GemNet.for_setting(big, GemNetConfig(menu_size=4, hidden=8), rngs=nnx.Rngs(0))
+    # 30 coordinates: a grid of 2^30 boxes at level 1, 2^40 offset cells per bidder at level 2
+    with pytest.raises(RepairError, match="initial partition"):
+        repair(net, big, dataclasses.replace(FAST, max_level=1))
+    with pytest.raises(RepairError, match="offset grid"):
+        repair(net, big, FAST)
+
+
+def test_certifiable_share_grows_as_boxes_shrink(tiny_2x2, repaired_2x2):
+    setting, model = tiny_2x2
+    key = jax.random.key(0)
+    shares = [
+        certifiable_share(model, setting, level=level, key=key, n_boxes=512).value
+        for level in (0, 2, 5)
+    ]
+    # the whole space holds the profiles where the tiny network over-allocates
+    assert shares[0] == 0.0
+    assert shares[1] < shares[2] <= 1.0
+    one = get_setting("additive_1x2_uniform")
+    rochet = GemNet.for_setting(one, GemNetConfig(menu_size=4), rngs=nnx.Rngs(0))
+    assert certifiable_share(rochet, one, level=0, key=key, n_boxes=8).value == 1.0
+    with pytest.raises(ValueError, match="level"):
+        certifiable_share(model, setting, level=-1, key=key)
 
 
 def test_cell_milp_prices_a_bad_element_out():
