@@ -66,6 +66,10 @@ RECIPES: dict[str, tuple[int, GemNetTrainConfig]] = {
         10_000,
         GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096),
     ),
+    "additive_2x3_uniform": (
+        10_000,
+        GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096),
+    ),
     # Exact 0/1 allocations (alloc_clip) let the two bidders split the items, as the optimum does.
     "yao_2x2_discrete_37": (
         6000,

@@ -78,6 +78,9 @@ class Certificate:
       box_inflation: relative widening of each box per side (a fraction of its cells' width).
       bound_splits: menu bounds over a box may be taken as the union of interval bounds over
         ``bound_splits`` equal parts of each coordinate of the (inflated) ``b_-i`` projection.
+      quantized: the mechanism computes each bidder's menu at the representative of the cell of
+        ``b_-i`` (centre of a continuous cell, the point of a discrete one) instead of at
+        ``b_-i`` itself; menus over a box are then bounded by their values at the box's cells.
       witness_index: ``[W, 5]`` int64 rows ``(box, k0, k1, l0, l1)`` of relational certificates.
       witness_t: ``[W]`` the multipliers ``t >= 0`` of those rows.
       stats: how the certificate was built (boxes, MILPs, time...), informational only.
@@ -99,6 +102,7 @@ class Certificate:
     alloc_tolerance: float
     box_inflation: float
     bound_splits: int = 1
+    quantized: bool = False
     witness_index: np.ndarray = dataclasses.field(
         default_factory=lambda: np.zeros((0, 5), np.int64)
     )
@@ -167,6 +171,7 @@ def save_certificate(certificate: Certificate, directory: str | Path) -> Path:
         "alloc_tolerance": c.alloc_tolerance,
         "box_inflation": c.box_inflation,
         "bound_splits": c.bound_splits,
+        "quantized": c.quantized,
         "stats": c.stats,
     }
     tmp_npz = directory / "certificate.npz.tmp"
@@ -210,6 +215,7 @@ def load_certificate(directory: str | Path) -> Certificate:
             alloc_tolerance=float(meta["alloc_tolerance"]),
             box_inflation=float(meta["box_inflation"]),
             bound_splits=int(meta.get("bound_splits", 1)),
+            quantized=bool(meta.get("quantized", False)),
             witness_index=arrays.get("witness_index", np.zeros((0, 5), np.int64)),
             witness_t=arrays.get("witness_t", np.zeros((0,), np.float64)),
             stats=dict(meta.get("stats", {})),

@@ -8,6 +8,12 @@ own values; an element can be chosen somewhere in the box only if its upper util
 lower utility (its **candidate set**; the others are skipped). The box is certified when, for every
 item, the bidders' largest candidate allocations sum to at most 1.
 
+With ``RepairConfig.quantize`` (the default) the repaired mechanism evaluates each bidder's
+network at the centre of the finest cell of ``b_-i`` (menus piecewise constant in the others'
+bids). The menus over a box are then finitely many, and their exact envelope over the box's cells
+(:class:`_CellMenus`) replaces interval propagation: tighter on every box, and exact on the finest
+boxes, where both bidders' menus are fixed.
+
 Boxes still uncertified at the finest level are repaired bidder by bidder (stage ``r = 1 .. n-1``
 makes bidders ``0..r`` compatible with the offsets of bidders ``< r`` fixed): bidder ``r``'s prices
 get non-negative offsets that are constant on each cell of the ``b_-r`` grid, so they depend on
@@ -73,6 +79,11 @@ class RepairConfig:
     Attributes:
       max_level: finest grid: ``2^max_level`` cells per continuous coordinate.
       start_level: the initial partition has ``2^start_level`` cells per continuous coordinate.
+      quantize: the repaired mechanism computes each bidder's menu at the centre of the
+        ``max_level`` cell of ``b_-i`` (piecewise constant in the others' bids: still
+        strategy-proof). Menus over a box are then a finite set whose envelope is exact (no
+        interval propagation through the network), and on the finest boxes both bidders' menus
+        are fixed, so what fails there is a real conflict of the quantized mechanism.
       utility_tolerance: candidate-set slack, a fraction of the price scale (float32 rounding).
       alloc_tolerance: added to allocation upper bounds.
       box_inflation: boxes are widened by this fraction of a cell per side.
@@ -111,6 +122,7 @@ class RepairConfig:
 
     max_level: int = 6
     start_level: int = 1
+    quantize: bool = True
     utility_tolerance: float = 1e-5
     alloc_tolerance: float = 1e-6
     box_inflation: float = 1e-4
@@ -163,6 +175,14 @@ class _Grid:
         for t in range(len(sizes) - 2, -1, -1):
             strides[t] = strides[t + 1] * sizes[t + 1]
         return strides
+
+    def representatives(self) -> list[np.ndarray]:
+        """Per coordinate, each cell's representative (float32): a continuous cell's centre, a
+        discrete cell's point. Quantized menus are computed there."""
+        return [
+            np.asarray(lo if disc else (lo + hi) / 2.0, np.float32)
+            for lo, hi, disc in zip(self.cell_lo, self.cell_hi, self.discrete, strict=True)
+        ]
 
     def bounds(self, lo: np.ndarray, size: np.ndarray, inflation: float):
         """Real ``[boxes, D]`` bounds of boxes, widened by ``inflation`` cells per side."""
@@ -361,7 +381,12 @@ def _utility_bounds(model: GemNet, rlo, rhi, alloc_tol: float, splits: int):
     """Interval bounds over boxes ``rlo/rhi [B, n, m]`` before offsets: ``(a_lo, a_top, u_lo,
     u_hi)``, ``a_top`` the allocation upper bounds plus the float32 slack (capped at 1; the null
     element stays 0)."""
-    a_lo, a_hi, p_lo, p_hi = split_menu_bounds(model, others_bids(rlo), others_bids(rhi), splits)
+    menu = split_menu_bounds(model, others_bids(rlo), others_bids(rhi), splits)
+    return _utilities_from_menus(rlo, rhi, *menu, alloc_tol)
+
+
+def _utilities_from_menus(rlo, rhi, a_lo, a_hi, p_lo, p_hi, alloc_tol: float):
+    """:func:`_utility_bounds` given the menu bounds ``[B, n, K + 1, (m)]`` over each box."""
     a_top = jnp.where(a_hi > 0.0, jnp.minimum(a_hi + alloc_tol, 1.0), 0.0)
     a_top = a_top.at[..., -1, :].set(0.0)
     # (inflated boxes can reach below a support starting at 0: take the right corner)
@@ -372,10 +397,32 @@ def _utility_bounds(model: GemNet, rlo, rhi, alloc_tol: float, splits: int):
 
 
 def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
+    core = _bound_core(utility_tol)
+
     @jax.jit
     def bounds(rlo, rhi, delta, active):
         """rlo/rhi [B, n, m]; delta [B, n, K+1] exact offsets; active [n] in {0, 1}."""
-        _, a_hi, u_lo0, u_hi0 = _utility_bounds(model, rlo, rhi, alloc_tol, splits)
+        return core(_utility_bounds(model, rlo, rhi, alloc_tol, splits), delta, active)
+
+    return bounds
+
+
+def _quantized_bound_fn(utility_tol: float, alloc_tol: float):
+    """:func:`_bound_fn` for quantized menus: the menu bounds come in (from :class:`_CellMenus`)."""
+    core = _bound_core(utility_tol)
+
+    @jax.jit
+    def bounds(rlo, rhi, delta, a_lo, a_hi, p_lo, p_hi, active):
+        return core(
+            _utilities_from_menus(rlo, rhi, a_lo, a_hi, p_lo, p_hi, alloc_tol), delta, active
+        )
+
+    return bounds
+
+
+def _bound_core(utility_tol: float):
+    def core(utilities, delta, active):
+        _, a_hi, u_lo0, u_hi0 = utilities
         u_hi, u_lo = u_hi0 - delta, u_lo0 - delta
         best = jnp.max(u_lo, axis=-1, keepdims=True)
         # The builder (float32) is stricter than the certificate's rule, so that the float64
@@ -389,9 +436,10 @@ def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
         ok = jnp.all((total <= 1.0 - BUILDER_ALLOC_MARGIN) | alone, axis=-1)
         return ok, usage, u_hi0, u_lo0, a_hi
 
-    return bounds
+    return core
 
 
+MILP_BATCH = 512  # cell MILPs built and solved at once (memory: every box's utilities)
 REL_CANDIDATES = 6  # candidates per bidder the relational test handles (more: the box fails)
 REL_CHUNK = 256  # boxes per relational-test batch
 
@@ -489,6 +537,80 @@ def _relational_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: 
     return rel
 
 
+class _CellMenus:
+    """Quantized menus: each bidder's menu at the representative of every cell of ``b_-i``
+    (interval bounds at that point, so that exact zeros of a clipped head are recognised as in
+    :func:`gemnet.menu_bounds`), and their exact lower/upper envelope over the aligned dyadic
+    blocks of cells that the partition's boxes project to (cached per block shape)."""
+
+    def __init__(self, model: GemNet, grid: _Grid, chunk: int = 16384):
+        self.grid = grid
+        n, m = grid.n, grid.m
+        reps = grid.representatives()
+        point = jax.jit(lambda x: menu_bounds(model, x, x))
+        self.tables: list[tuple[np.ndarray, ...]] = []
+        self.cache: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, ...]] = {}
+        for i in range(n):
+            dims = grid.others(i)
+            shape = tuple(int(c) for c in grid.cells[dims])
+            idx = np.indices(shape).reshape(len(dims), -1).T
+            prof = np.tile(np.asarray([r[0] for r in reps], np.float32), (len(idx), 1))
+            for t, d in enumerate(dims):
+                prof[:, d] = reps[d][idx[:, t]]
+            parts = []
+            for s in range(0, len(prof), chunk):
+                x = prof[s : s + chunk]
+                pad = chunk - len(x) if len(prof) > chunk else 0
+                xb = jnp.asarray(np.pad(x, [(0, pad), (0, 0)], mode="edge").reshape(-1, n, m))
+                mb = point(others_bids(xb))
+                got = (mb.alloc[0], mb.alloc[1], mb.price[0], mb.price[1])
+                parts.append([np.asarray(g[: len(x), i]) for g in got])
+            self.tables.append(
+                tuple(
+                    np.concatenate(col).reshape(*shape, *col[0].shape[1:])
+                    for col in zip(*parts, strict=True)
+                )
+            )
+
+    def _blocks(self, bidder: int, block: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        key = (bidder, block)
+        if key not in self.cache:
+            out = []
+            for which, table in enumerate(self.tables[bidder]):
+                shape, d = table.shape, len(block)
+                split = [x for c, b in zip(shape[:d], block, strict=True) for x in (c // b, b)]
+                t = table.reshape(*split, *shape[d:])
+                axes = tuple(range(1, 2 * d, 2))
+                out.append(t.min(axis=axes) if which % 2 == 0 else t.max(axis=axes))
+            self.cache[key] = tuple(out)
+        return self.cache[key]
+
+    def envelope(self, lo: np.ndarray, size: np.ndarray) -> list[np.ndarray]:
+        """``[a_lo, a_hi [B, n, K + 1, m], p_lo, p_hi [B, n, K + 1]]`` over boxes ``lo/size``."""
+        out = None
+        for i in range(self.grid.n):
+            dims = self.grid.others(i)
+            corner, z = lo[:, dims], size[:, dims]
+            if np.any(corner % z):
+                raise AssertionError("a box that is not aligned with its dyadic block")
+            blocks, inverse = np.unique(z, axis=0, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            if out is None:
+                out = [
+                    np.empty((len(lo), self.grid.n, *t.shape[len(dims) :]), t.dtype)
+                    for t in self.tables[i]
+                ]
+            for g, block in enumerate(blocks):
+                rows = np.flatnonzero(inverse == g)
+                pos = tuple((corner[rows] // block).T)
+                for dst, src in zip(
+                    out, self._blocks(i, tuple(int(b) for b in block)), strict=True
+                ):
+                    dst[rows, i] = src[pos]
+        assert out is not None
+        return out
+
+
 class _Checker:
     def __init__(self, model: GemNet, grid: _Grid, offsets: list[_Offsets], config, scale):
         self.grid, self.offsets, self.config = grid, offsets, config
@@ -497,10 +619,20 @@ class _Checker:
         self.scale = scale
         splits = effective_splits(config.bound_splits, model)
         tols = (config.utility_tolerance * scale, config.alloc_tolerance)
-        self.fn = _bound_fn(model, *tols, splits)
-        self.fast = _bound_fn(model, *tols, 1) if splits > 1 else None
+        self.cell_menus = _CellMenus(model, grid) if config.quantize else None
+        if self.cell_menus is not None:
+            self.fn = _quantized_bound_fn(*tols)
+            self.fast = None
+        else:
+            self.fn = _bound_fn(model, *tols, splits)
+            self.fast = _bound_fn(model, *tols, 1) if splits > 1 else None
         self.rel = None
-        if config.relational and self.n == 2 and model.valuation == "additive":
+        if (
+            config.relational
+            and self.cell_menus is None
+            and self.n == 2
+            and model.valuation == "additive"
+        ):
             self.rel = _relational_fn(
                 model,
                 config.utility_tolerance * scale,
@@ -584,7 +716,9 @@ class _Checker:
             rows = len(l_)
             rlo, rhi = self.grid.bounds(l_, z_, self.config.box_inflation)
             delta = self.deltas(l_, z_)
-            arrays = (rlo.reshape(rows, self.n, self.m), rhi.reshape(rows, self.n, self.m), delta)
+            arrays = [rlo.reshape(rows, self.n, self.m), rhi.reshape(rows, self.n, self.m), delta]
+            if self.cell_menus is not None:
+                arrays += self.cell_menus.envelope(l_, z_)
             if details or self.fast is None:
                 out = self._call(self.fn, arrays, active, details)
             else:
@@ -622,7 +756,9 @@ def certifiable_share(
     config: RepairConfig = RepairConfig(),
 ) -> Estimate:
     """Share of the boxes of the uniform level-``level`` grid that the interval test certifies
-    with the trained prices (no repair), estimated on ``n_boxes`` boxes drawn uniformly.
+    with the trained prices (no repair), estimated on ``n_boxes`` boxes drawn uniformly. The menus
+    are bounded by interval propagation through the network (as with ``quantize=False``), so the
+    estimate needs no table of cells and works for any number of coordinates.
 
     A diagnostic of how fine the repair's partition must become: a uniform grid has
     ``2^(level * bidders * items)`` boxes, and every box of the final partition must be certified
@@ -744,6 +880,33 @@ class RepairedGemNet(nnx.Module):
             [nnx.Variable(jnp.asarray(v, jnp.float32)) for v in certificate.offset_values]
         )
         self.n_bidders, self.n_items, self.menu_size = n, m, base.menu_size
+        self.quantized = bool(certificate.quantized)
+        # the cells' representatives, exactly as the repair computed the quantized menus there
+        self.centres = tuple(
+            None
+            if certificate.discrete[d]
+            else tuple(
+                float(x)
+                for x in (
+                    (np.asarray(certificate.cell_lo[d]) + np.asarray(certificate.cell_hi[d])) / 2.0
+                ).astype(np.float32)
+            )
+            for d in range(n * m)
+        )
+
+    def quantize(
+        self, bids: Float[Array, "*batch bidders items"]
+    ) -> Float[Array, "*batch bidders items"]:
+        """Every continuous coordinate moved to its cell's centre (discrete ones unchanged)."""
+        n, m = self.n_bidders, self.n_items
+        flat = bids.reshape(*bids.shape[:-2], n * m)
+        cols = [
+            flat[..., d]
+            if c is None
+            else jnp.asarray(c, bids.dtype)[self._cell_index(flat[..., d], d)]
+            for d, c in enumerate(self.centres)
+        ]
+        return jnp.stack(cols, -1).reshape(bids.shape)
 
     def _cell_index(self, x, d):
         kind, spec = self.coords[d]
@@ -775,7 +938,7 @@ class RepairedGemNet(nnx.Module):
 
     def menus(self, bids: Float[Array, "*batch bidders items"]) -> Menus:
         check_bids(bids, n_bidders=self.n_bidders, n_items=self.n_items)
-        base = self.base.menus(bids)
+        base = self.base.menus(self.quantize(bids) if self.quantized else bids)
         return Menus(alloc=base.alloc, price=base.price + self.offsets(bids))
 
     def __call__(self, bids: Float[Array, "*batch bidders items"]) -> Outcome:
@@ -891,6 +1054,7 @@ def repair(
         alloc_tolerance=config.alloc_tolerance,
         box_inflation=config.box_inflation,
         bound_splits=effective_splits(config.bound_splits, model),
+        quantized=config.quantize,
         witness_index=witness_index,
         witness_t=witness_t,
         stats=stats,
@@ -946,8 +1110,7 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
         for b, row in enumerate(map(tuple, f_lo.tolist())):
             owner[b] = owners.setdefault(row, int(owner[b]))
         use_rel = round_ < config.relational_rounds
-        problems: list[CellProblem] = []
-        bidders: list[int] = []
+        jobs: list[tuple[int, int, np.ndarray, np.ndarray]] = []
         changed: dict[int, list[int]] = {}
         for i in sorted(set(owner.tolist())):
             rows_i = f_lo[owner == i]
@@ -956,26 +1119,32 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
             for key, row in zip(keys, rows_i, strict=True):
                 constraints[(i, int(key))].add(tuple(int(x) for x in row[own]))
             changed[i] = sorted(set(int(k) for k in keys))
-            for key in changed[i]:
-                problems.append(
-                    _cell_problem(
-                        i,
-                        key,
-                        constraints[(i, key)],
-                        rows_i,
-                        keys,
-                        grid,
-                        checker,
-                        active,
-                        config,
-                        relational=use_rel,
-                    )
+            jobs.extend((i, key, rows_i, keys) for key in changed[i])
+        # Built and solved a batch at a time (a problem holds utilities of all its boxes), all
+        # against the offsets as they were at the start of the round.
+        bidders: list[int] = []
+        solutions: list[CellSolution] = []
+        for s in range(0, len(jobs), MILP_BATCH):
+            problems = [
+                _cell_problem(
+                    i,
+                    key,
+                    constraints[(i, key)],
+                    rows_i,
+                    keys,
+                    grid,
+                    checker,
+                    active,
+                    config,
+                    relational=use_rel,
                 )
-                bidders.append(i)
-        t_milp = time.perf_counter()
-        solutions = _solve_all(problems, workers)
-        stats["milp_wall_s"] += time.perf_counter() - t_milp
-        stats["milps"] += len(problems)
+                for i, key, rows_i, keys in jobs[s : s + MILP_BATCH]
+            ]
+            t_milp = time.perf_counter()
+            solutions.extend(_solve_all(problems, workers))
+            stats["milp_wall_s"] += time.perf_counter() - t_milp
+            bidders.extend(job[0] for job in jobs[s : s + MILP_BATCH])
+        stats["milps"] += len(jobs)
         stats["rounds"] += 1
         for i, sol in zip(bidders, solutions, strict=True):
             stats["statuses"][sol.status] = stats["statuses"].get(sol.status, 0) + 1

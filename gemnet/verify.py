@@ -972,6 +972,22 @@ class _Compatibility:
             self.edge_lo.append(lo)
             self.edge_hi.append(hi)
         self.others = [_others(self.n, self.m, i) for i in range(self.n)]
+        # Quantized menus: the mechanism evaluates bidder i's network at the representative of
+        # each cell of b_-i, float32((cell_lo + cell_hi) / 2) of the certificate's cells (the
+        # point of a discrete cell). The menus over a box are then the finite set of those.
+        self.quantized = bool(getattr(cert, "quantized", False))
+        self.reps = [
+            np.asarray(cert.cell_lo[d], np.float64)
+            if support[d].discrete
+            else np.asarray(
+                ((np.asarray(cert.cell_lo[d]) + np.asarray(cert.cell_hi[d])) / 2.0).astype(
+                    np.float32
+                ),
+                np.float64,
+            )
+            for d in range(len(support))
+        ]
+        self._points: dict[int, tuple[np.ndarray, ...]] = {}
         self.witness_index = np.asarray(
             getattr(cert, "witness_index", np.zeros((0, 5))), np.int64
         ).reshape(-1, 5)
@@ -1105,10 +1121,54 @@ class _Compatibility:
             uniq, inverse = np.unique(proj, axis=0, return_inverse=True)
             inverse = inverse.reshape(-1)
             p_lo, p_size = uniq[:, : len(dims)], uniq[:, len(dims) :]
-        x_lo, x_hi = self.extent(p_lo, p_size, dims)
-        a_lo, a_hi, pr_lo, pr_hi = self.net.split_bounds(bidder, x_lo, x_hi, self.bound_splits)
+        if self.quantized and dims:
+            a_lo, a_hi, pr_lo, pr_hi = self._cell_envelope(bidder, p_lo, p_size)
+        else:
+            x_lo, x_hi = self.extent(p_lo, p_size, dims)
+            a_lo, a_hi, pr_lo, pr_hi = self.net.split_bounds(bidder, x_lo, x_hi, self.bound_splits)
         o_lo, o_hi = self.tables[bidder].ranges(p_lo, p_size)
         return inverse, a_lo, a_hi, pr_lo, pr_hi, o_lo, o_hi
+
+    def _point_menus(self, bidder: int) -> tuple[np.ndarray, ...]:
+        """Bounds of ``bidder``'s menu at the representative of every cell of ``b_-i`` (rows in
+        row-major cell order), each a degenerate box."""
+        if bidder not in self._points:
+            dims = self.others[bidder]
+            idx = np.indices([self.cells[d] for d in dims]).reshape(len(dims), -1).T
+            x = np.stack([self.reps[d][idx[:, t]] for t, d in enumerate(dims)], axis=1)
+            got = [
+                self.net.bounds(bidder, x[s : s + 8192], x[s : s + 8192])
+                for s in range(0, len(x), 8192)
+            ]
+            self._points[bidder] = tuple(np.concatenate(c) for c in zip(*got, strict=True))
+        return self._points[bidder]
+
+    def _cell_envelope(self, bidder: int, p_lo: np.ndarray, p_size: np.ndarray):
+        """Lower/upper envelopes of the quantized menus over the cells of each projection."""
+        a_lo, a_hi, pr_lo, pr_hi = self._point_menus(bidder)
+        dims = self.others[bidder]
+        strides = _row_major_strides([self.cells[d] for d in dims])
+        rows = len(p_lo)
+        out = (
+            np.empty((rows, *a_lo.shape[1:])),
+            np.empty((rows, *a_hi.shape[1:])),
+            np.empty((rows, *pr_lo.shape[1:])),
+            np.empty((rows, *pr_hi.shape[1:])),
+        )
+        sizes, group = np.unique(p_size, axis=0, return_inverse=True)
+        group = group.reshape(-1)
+        for g, size in enumerate(sizes):
+            members = np.flatnonzero(group == g)
+            within = np.indices(size).reshape(len(dims), -1).T  # [P, d] cells inside a block
+            block = max(1, 32768 // len(within))
+            for s in range(0, len(members), block):
+                r = members[s : s + block]
+                flat = ((p_lo[r][:, None, :] + within[None]) * strides).sum(-1)  # [R, P]
+                out[0][r] = a_lo[flat].min(axis=1)
+                out[1][r] = a_hi[flat].max(axis=1)
+                out[2][r] = pr_lo[flat].min(axis=1)
+                out[3][r] = pr_hi[flat].max(axis=1)
+        return out
 
     def usage(
         self, bidder: int, lo: np.ndarray, size: np.ndarray, v_lo: np.ndarray, v_hi: np.ndarray
@@ -1169,7 +1229,8 @@ class _Compatibility:
                 use[i, rows] = self.usage(i, lo, size, v_lo, v_hi).use
         total = use.sum(axis=0)  # [boxes, m]
         bad = np.flatnonzero(np.any(total > 1.0, axis=1))
-        if len(bad) and len(self.witness_t):
+        # (witnesses bound the network between cells: they say nothing about quantized menus)
+        if len(bad) and len(self.witness_t) and not self.quantized:
             bad = bad[~self.relational(bad, box_lo, box_size, chunk)]
         all_dims = list(range(n * m))
         for r in bad.tolist():

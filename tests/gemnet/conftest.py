@@ -23,3 +23,12 @@ def repaired_2x2(tiny_2x2):
     setting, model = tiny_2x2
     repaired, cert = repair(model, setting, RepairConfig(max_level=3, workers=1, progress=False))
     return setting, model, repaired, cert
+
+
+@pytest.fixture(scope="session")
+def repaired_2x2_continuous(tiny_2x2):
+    """The same network repaired without quantized menus (interval and relational tests)."""
+    setting, model = tiny_2x2
+    config = RepairConfig(max_level=3, workers=1, progress=False, quantize=False)
+    repaired, cert = repair(model, setting, config)
+    return setting, model, repaired, cert

@@ -609,8 +609,8 @@ def test_verifier_jacobian_encloses_sampled_jacobians_and_matches_the_builder(cl
             assert np.all(np.abs(jp[:, i, :-1, other] - d_p) <= r_p + 1e-5)
 
 
-def test_relational_witnesses_are_checked(repaired_2x2):
-    setting, model, _, cert = repaired_2x2
+def test_relational_witnesses_are_checked(repaired_2x2_continuous):
+    setting, model, _, cert = repaired_2x2_continuous
     boxes = np.unique(cert.witness_index[:, 0])
     assert len(boxes) > 0 and cert.stats["relational_boxes"] == len(boxes)
     assert verify_certificate(model, setting, cert).ok
@@ -638,7 +638,48 @@ def test_repair_without_the_relational_test_certifies_box_by_box(tiny_2x2):
 
     setting, model = tiny_2x2
     _, cert = repair(
-        model, setting, RepairConfig(max_level=3, workers=1, progress=False, relational=False)
+        model,
+        setting,
+        RepairConfig(max_level=3, workers=1, progress=False, relational=False, quantize=False),
     )
     assert len(cert.witness_t) == 0 and cert.stats["relational_boxes"] == 0
     assert verify_certificate(model, setting, cert).ok
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantized menus (the default repair): menus at cell centres, envelopes over a box's cells.
+
+
+def test_quantized_menus_depend_on_the_cell_of_the_others_bids_only(repaired_2x2):
+    setting, _, repaired, cert = repaired_2x2
+    assert cert.quantized and repaired.quantized
+    cells = len(cert.cell_lo[0])
+    rng = np.random.default_rng(0)
+    bids = rng.uniform(size=(256, 2, 2))
+    # move every bid within its own cell: the menus (offsets included) do not change at all
+    cell = np.floor(bids * cells)
+    moved = (cell + rng.uniform(0.01, 0.99, size=bids.shape)) / cells
+    a = repaired.menus(jnp.asarray(bids, jnp.float32))
+    b = repaired.menus(jnp.asarray(moved, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(a.alloc), np.asarray(b.alloc))
+    np.testing.assert_array_equal(np.asarray(a.price), np.asarray(b.price))
+
+
+def test_quantized_certificate_without_its_offsets_is_rejected(repaired_2x2):
+    setting, model, _, cert = repaired_2x2
+    assert any(len(k) for k in cert.offset_keys), "the tiny network needs price rises"
+    bare = dataclasses.replace(
+        cert,
+        offset_keys=tuple(k[:0] for k in cert.offset_keys),
+        offset_values=tuple(v[:0] for v in cert.offset_values),
+    )
+    report = verify_certificate(model, setting, bare)
+    assert _failed(report) == {"compatibility"} and report.n_uncertified > 0
+
+
+def test_quantized_certificate_roundtrips_its_flag(tmp_path, repaired_2x2):
+    from gemnet import load_certificate, save_certificate
+
+    setting, model, _, cert = repaired_2x2
+    loaded = load_certificate(save_certificate(cert, tmp_path / "cert"))
+    assert loaded.quantized and verify_certificate(model, setting, loaded).ok
