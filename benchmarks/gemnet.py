@@ -70,6 +70,19 @@ RECIPES: dict[str, tuple[int, GemNetTrainConfig]] = {
         10_000,
         GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096),
     ),
+    # 30 coordinates: the repair's grid cannot hold the profile space (reported, not run); a
+    # short run that documents where GemNet training stands on 10 items (see the README).
+    "additive_3x10_uniform": (
+        3000,
+        GemNetTrainConfig(
+            network=GemNetConfig(menu_size=128, alloc_clip=0.1),
+            batch_size=2048,
+            kappa_init=300.0,
+            rho=1.0,
+            lagrange_init=0.1,
+            margin=0.01,
+        ),
+    ),
     # Exact 0/1 allocations (alloc_clip) let the two bidders split the items, as the optimum does.
     "yao_2x2_discrete_37": (
         6000,
