@@ -136,7 +136,7 @@ class RepairConfig:
     time_limit_s: float = 30.0
     workers: int = 0
     chunk: int = 8192
-    max_boxes: int = 6_000_000
+    max_boxes: int = 20_000_000
     max_rounds: int = 200
     progress: bool = True
     discrete_revenue: bool = True

@@ -651,7 +651,7 @@ def test_repair_without_the_relational_test_certifies_box_by_box(tiny_2x2):
 
 
 def test_quantized_menus_depend_on_the_cell_of_the_others_bids_only(repaired_2x2):
-    setting, _, repaired, cert = repaired_2x2
+    _, _, repaired, cert = repaired_2x2
     assert cert.quantized and repaired.quantized
     cells = len(cert.cell_lo[0])
     rng = np.random.default_rng(0)
