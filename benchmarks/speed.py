@@ -77,7 +77,7 @@ class SpeedConfig:
     quick: bool = False
     out: str = "out/speed"
     gemnet_setting: str | None = "additive_2x2_uniform"
-    gemnet_max_level: int = 5
+    gemnet_max_level: int = 6
     gemnet_workers: int = 0
 
 

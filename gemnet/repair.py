@@ -281,13 +281,13 @@ class _Offsets:
         self.grid, self.bidder, self.k1 = grid, bidder, k1
         self.dims = grid.others(bidder)
         self.shape = tuple(int(c) for c in grid.cells[self.dims])
-        self.strides = grid.strides(bidder)
-        total = int(np.prod(self.shape)) if self.shape else 1
+        total = math.prod(self.shape) if self.shape else 1  # Python ints: no overflow
         if total > 2**26:
             raise RepairError(
-                f"bidder {bidder}'s offset grid would have {total:.3g} cells "
+                f"bidder {bidder}'s offset grid would have {float(total):.3g} cells "
                 f"({len(self.dims)} coordinates of b_-i); lower max_level (at most 2^26 cells)"
             )
+        self.strides = grid.strides(bidder)
         self.table: dict[int, np.ndarray] = {}
         self._count: np.ndarray | None = None
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
@@ -619,7 +619,8 @@ class _Checker:
         self.scale = scale
         splits = effective_splits(config.bound_splits, model)
         tols = (config.utility_tolerance * scale, config.alloc_tolerance)
-        self.cell_menus = _CellMenus(model, grid) if config.quantize else None
+        # (one bidder: the menu is a constant, nothing to quantize)
+        self.cell_menus = _CellMenus(model, grid) if config.quantize and self.n > 1 else None
         if self.cell_menus is not None:
             self.fn = _quantized_bound_fn(*tols)
             self.fast = None
@@ -1054,7 +1055,7 @@ def repair(
         alloc_tolerance=config.alloc_tolerance,
         box_inflation=config.box_inflation,
         bound_splits=effective_splits(config.bound_splits, model),
-        quantized=config.quantize,
+        quantized=checker.cell_menus is not None,
         witness_index=witness_index,
         witness_t=witness_t,
         stats=stats,
