@@ -28,7 +28,7 @@ bounds below are their lower and upper envelopes.
 
 On disk the boxes are sorted (lexicographically by ``box_lo``) and, when every size is a power of
 two, stored as row differences of ``box_lo`` in the smallest integer type and ``log2(box_size)``
-(a level-6 2x2 partition of 7 million boxes takes under 1 MB instead of 24 MB); witness rows are
+(the committed level-6 2x2 partition of 7 million boxes takes under 1 MB); witness rows are
 renumbered with the boxes. Loading restores ``box_lo`` and ``box_size`` as int64.
 
 The certificate claims: for every box, with interval bounds of every bidder's menu over the box
