@@ -9,7 +9,15 @@ independently of the code that built it.
 
 from gemnet.certificate import Certificate, load_certificate, save_certificate
 from gemnet.evaluate import OverAllocationSearch, adversarial_over_allocation, repair_breakdown
-from gemnet.model import GemNet, GemNetConfig, Menus, choose, menu_bounds, menu_utilities
+from gemnet.model import (
+    GemNet,
+    GemNetConfig,
+    Menus,
+    choose,
+    menu_bounds,
+    menu_utilities,
+    quantize_bids,
+)
 from gemnet.repair import RepairConfig, RepairedGemNet, RepairError, certifiable_share, repair
 from gemnet.train import (
     GemNetTrainConfig,
@@ -42,6 +50,7 @@ __all__ = [
     "menu_bounds",
     "menu_utilities",
     "over_allocation",
+    "quantize_bids",
     "repair",
     "repair_breakdown",
     "save_certificate",

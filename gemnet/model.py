@@ -38,6 +38,7 @@ __all__ = [
     "menu_bounds",
     "menu_utilities",
     "others_bids",
+    "quantize_bids",
 ]
 
 
@@ -245,14 +246,42 @@ class GemNet(nnx.Module):
     def __call__(self, bids: Float[Array, "*batch bidders items"]) -> Outcome:
         return choose(self.menus(bids), bids).outcome
 
-    def soft_outcome(self, bids: Float[Array, "*batch bidders items"], *, kappa) -> Outcome:
-        """Training's relaxation: element weights ``softmax(kappa * utility)`` instead of argmax."""
-        menus = self.menus(bids)
+    def soft_outcome(
+        self,
+        bids: Float[Array, "*batch bidders items"],
+        *,
+        kappa,
+        menu_bids: Float[Array, "*batch bidders items"] | None = None,
+    ) -> Outcome:
+        """Training's relaxation: element weights ``softmax(kappa * utility)`` instead of argmax.
+
+        ``menu_bids`` (default ``bids``): the bids the menus are computed at (e.g. the cell
+        centres of :func:`quantize_bids`); utilities always use ``bids``.
+        """
+        menus = self.menus(bids if menu_bids is None else menu_bids)
         u = menu_utilities(menus, bids)
         weights = jax.nn.softmax(kappa * u, axis=-1)  # [*batch, n, K+1]
         alloc = jnp.einsum("...k,...km->...m", weights, menus.alloc)
         pay = jnp.sum(weights * menus.price, axis=-1)
         return Outcome(alloc=alloc, pay=pay)
+
+
+def quantize_bids(
+    bids: Float[Array, "*batch bidders items"], *, low, high, level: int
+) -> Float[Array, "*batch bidders items"]:
+    """Every coordinate moved to the centre of its cell of a uniform grid on ``[low, high]``.
+
+    ``low``/``high`` are ``[bidders, items]``; the grid has ``2^level`` cells per coordinate
+    (the quantized repair's grid at ``max_level = level``). A GemNet whose menus are computed at
+    the quantized bids is piecewise constant in ``b_-i``, still strategy-proof.
+    """
+    if level < 0:
+        raise ValueError(f"level must be >= 0, got {level}")
+    low = jnp.asarray(low, bids.dtype)
+    width = jnp.asarray(high, bids.dtype) - low
+    cells = 2**level
+    index = jnp.clip(jnp.floor((bids - low) * (cells / width)), 0, cells - 1)
+    return low + (index + 0.5) * (width / cells)
 
 
 def menu_utilities(

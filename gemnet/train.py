@@ -23,6 +23,7 @@ import optax
 from flax import nnx, struct
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from diffecon.distributions import Discrete, IndependentValues
 from diffecon.settings import Setting
 from diffecon.training import (
     TrainConfig,
@@ -32,7 +33,7 @@ from diffecon.training import (
     save_checkpoint,
     train,
 )
-from gemnet.model import GemNet, GemNetConfig, choose
+from gemnet.model import GemNet, GemNetConfig, choose, quantize_bids
 
 __all__ = [
     "GemNetTrainConfig",
@@ -62,6 +63,11 @@ class GemNetTrainConfig:
       rho: quadratic penalty weight (also the multiplier's step size).
       lagrange_every: steps between multiplier updates.
       margin: over-allocation is penalised from ``1 - margin`` on.
+      quantize_level: 0, or train the mechanism the quantized repair at ``max_level =
+        quantize_level`` certifies: each bidder's menu is computed at the centre of the cell of
+        ``b_-i`` on a grid of ``2^quantize_level`` cells per continuous coordinate (discrete ones
+        are kept), so the penalty sees the conflicts of the quantized menus (those the repair
+        must remove) during training.
     """
 
     network: GemNetConfig = dataclasses.field(default_factory=GemNetConfig)
@@ -75,6 +81,7 @@ class GemNetTrainConfig:
     rho: float = 10.0
     lagrange_every: int = 50
     margin: float = 0.0
+    quantize_level: int = 0
 
 
 @struct.dataclass
@@ -117,6 +124,16 @@ def _optimizer(config: GemNetTrainConfig, steps: int) -> optax.GradientTransform
     return optax.adam(_schedules(config, steps)[0])
 
 
+def _discrete_mask(setting: Setting) -> np.ndarray:
+    """``[bidders, items]``: which value coordinates have a discrete marginal."""
+    values = setting.values
+    mask = np.zeros((setting.n_bidders, setting.n_items), bool)
+    if isinstance(values, IndependentValues):
+        for i, j in np.ndindex(*mask.shape):
+            mask[i, j] = isinstance(values.marginal(i, j), Discrete)
+    return mask
+
+
 def init_gemnet_state(
     setting: Setting, config: GemNetTrainConfig, key: PRNGKeyArray, *, steps: int
 ) -> tuple[nnx.GraphDef, GemNetTrainState]:
@@ -139,13 +156,23 @@ def gemnet_step_fn(
     _, kappa_at = _schedules(config, steps)
     scale = float(np.max(np.sum(setting.high, axis=1)))
 
+    # discrete coordinates stay as they are (as in the quantized repair)
+    discrete = _discrete_mask(setting)
+
+    def menu_bids(values):
+        if not config.quantize_level:
+            return values
+        at = quantize_bids(values, low=setting.low, high=setting.high, level=config.quantize_level)
+        return jnp.where(discrete, values, at)
+
     def step(state: GemNetTrainState, values, key):
         del key
         kappa = kappa_at(state.step)
+        at = menu_bids(values)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
-            soft = model.soft_outcome(values, kappa=kappa / scale)
+            soft = model.soft_outcome(values, kappa=kappa / scale, menu_bids=at)
             revenue = jnp.mean(soft.revenue)
             penalty = jnp.mean(incompatibility(soft.alloc, margin=config.margin))
             loss = -revenue + state.lagrange * penalty + 0.5 * config.rho * penalty**2
@@ -155,7 +182,7 @@ def gemnet_step_fn(
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         hard = nnx.merge(graphdef, state.params)
-        hard_out = choose(hard.menus(values), values).outcome
+        hard_out = choose(hard.menus(at), values).outcome
         over = over_allocation(hard_out.alloc)
         t = state.step + 1
         lagrange = jnp.where(

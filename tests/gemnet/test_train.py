@@ -1,18 +1,31 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from diffecon import TrainConfig, evaluate, get_setting
 from gemnet import (
     GemNetConfig,
     GemNetTrainConfig,
+    choose,
     incompatibility,
     load_gemnet,
     over_allocation,
+    quantize_bids,
     save_gemnet,
     train_gemnet,
 )
+from gemnet.train import (
+    _config_dict,
+    _config_from_dict,
+    _discrete_mask,
+    gemnet_step_fn,
+    init_gemnet_state,
+)
+from tests.gemnet.conftest import TINY
 
 
 def test_incompatibility_and_over_allocation_by_hand():
@@ -57,3 +70,43 @@ def test_tiny_model_over_allocates_before_repair(tiny_2x2):
     setting, model = tiny_2x2
     est = evaluate(model, setting, n_samples=20_000, key=jax.random.key(1))
     assert est["over_allocation_rate"].value > 0.0
+
+
+def test_quantize_bids_matches_the_quantized_repair(repaired_2x2):
+    setting, _, repaired, cert = repaired_2x2
+    assert cert.quantized
+    level = cert.stats["max_level"]
+    bids = setting.sample(jax.random.key(4), (4096,))
+    edges = jnp.concatenate([bids[:8] * 0.0, bids[:8] * 0.0 + 1.0, bids[:8] * 0.0 + 0.5])
+    bids = jnp.concatenate([bids, edges])  # the support's corners and cell edges
+    q = quantize_bids(bids, low=setting.low, high=setting.high, level=level)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(repaired.quantize(bids)))
+    np.testing.assert_allclose(
+        np.asarray(
+            quantize_bids(jnp.array([[[0.0, 0.49]], [[0.5, 1.0]]]), low=0.0, high=1.0, level=1)
+        ),
+        [[[0.25, 0.25]], [[0.75, 0.75]]],
+    )
+    with pytest.raises(ValueError, match="level"):
+        quantize_bids(bids, low=setting.low, high=setting.high, level=-1)
+
+
+def test_quantized_training_tracks_the_quantized_mechanism(tiny_2x2):
+    setting, model = tiny_2x2
+    config = dataclasses.replace(TINY, quantize_level=2)
+    graphdef, state = init_gemnet_state(setting, config, jax.random.key(0), steps=10)
+    state = state.replace(params=nnx.split(model)[1])
+    values = setting.sample(jax.random.key(2), (2048,))
+    _, metrics = gemnet_step_fn(graphdef, setting, config, steps=10)(state, values, None)
+    at = quantize_bids(values, low=setting.low, high=setting.high, level=2)
+    quantized = choose(model.menus(at), values).outcome
+    plain = model(values)
+    np.testing.assert_allclose(
+        float(metrics["revenue_hard"]), float(jnp.mean(quantized.revenue)), rtol=1e-6
+    )
+    assert abs(float(jnp.mean(quantized.revenue)) - float(jnp.mean(plain.revenue))) > 1e-6
+    loaded = _config_from_dict(_config_dict(config))
+    assert loaded.quantize_level == 2
+    # discrete coordinates are not quantized (the repair leaves them as they are)
+    assert _discrete_mask(get_setting("yao_2x2_discrete_37")).all()
+    assert not _discrete_mask(setting).any()
