@@ -77,8 +77,8 @@ def test_quantize_bids_matches_the_quantized_repair(repaired_2x2):
     assert cert.quantized
     level = cert.stats["max_level"]
     bids = setting.sample(jax.random.key(4), (4096,))
-    edges = jnp.concatenate([bids[:8] * 0.0, bids[:8] * 0.0 + 1.0, bids[:8] * 0.0 + 0.5])
-    bids = jnp.concatenate([bids, edges])  # the support's corners and cell edges
+    corners = [jnp.full_like(bids[:1], x) for x in (0.0, 0.5, 1.0)]
+    bids = jnp.concatenate([bids, *corners])  # the support's corners and a cell edge
     q = quantize_bids(bids, low=setting.low, high=setting.high, level=level)
     np.testing.assert_array_equal(np.asarray(q), np.asarray(repaired.quantize(bids)))
     np.testing.assert_allclose(
