@@ -70,17 +70,20 @@ RECIPES: dict[str, tuple[int, GemNetTrainConfig]] = {
         10_000,
         GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096),
     ),
-    # 30 coordinates: the repair's grid cannot hold the profile space (reported, not run); a
-    # short run that documents where GemNet training stands on 10 items (see the README).
+    "additive_3x3_uniform": (
+        6000,
+        GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096),
+    ),
+    # 30 coordinates: the repair's grid cannot hold the profile space (reported, not run). 64
+    # learned elements cannot post prices on 10 items; the 1,023 item-price bundles can.
     "additive_3x10_uniform": (
         3000,
         GemNetTrainConfig(
-            network=GemNetConfig(menu_size=128, alloc_clip=0.1),
-            batch_size=2048,
+            network=GemNetConfig(menu_size=64, alloc_clip=0.1, item_prices=True),
+            batch_size=1024,
             kappa_init=300.0,
             rho=1.0,
             lagrange_init=0.1,
-            margin=0.01,
         ),
     ),
     # Exact 0/1 allocations (alloc_clip) let the two bidders split the items, as the optimum does.
@@ -230,9 +233,9 @@ def _model(name: str, config: GemNetBenchConfig):
 
 
 def _eval_chunk(model) -> int:
-    """Profiles per evaluation chunk: the menus of a chunk (``[chunk, n, K + 1, m]``) stay near
+    """Profiles per evaluation chunk: the menus of a chunk (``[chunk, n, elements, m]``) stay near
     200 MB."""
-    per_profile = model.n_bidders * (model.menu_size + 1) * (model.n_items + 1)
+    per_profile = model.n_bidders * model.n_elements * (model.n_items + 1)
     return int(min(100_000, max(1_000, 5e7 // per_profile)))
 
 
@@ -285,7 +288,7 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
         extra: dict[str, Any] = {}
         label = "rochetnet" if setting.n_bidders == 1 else "gemnet"
         rec: dict[str, Any] = {"suite": SUITE, "setting": name, "seed": config.seed}
-        if setting.n_bidders > 1 and _optimal_lp(setting) is None:
+        if setting.n_bidders > 1 and _optimal_lp(setting) is None and not model.item_prices:
             records.extend(_certifiable_shares(model, setting, rec, config))
         cert = None
         if setting.n_bidders > 1:

@@ -3,7 +3,8 @@
 Bidder ``i``'s network maps ``b_-i`` (``[(n-1) * m]``; a constant input when ``n = 1``) to ``K``
 menu elements, each an allocation ``alpha in [0, 1]^m`` (a sigmoid per item for additive bidders, a
 softmax over ``m`` items plus a dummy for unit-demand bidders) and a price ``beta >= 0``. A null
-element ``(0, 0)`` is appended as element ``K``. Bidder ``i`` gets its utility-maximising element
+element ``(0, 0)`` is appended last (after the optional item-price bundles, see
+``GemNetConfig.item_prices``). Bidder ``i`` gets its utility-maximising element
 (``argmax`` breaks ties towards the lowest index, so a real element beats the null one on a tie).
 Because bidder ``i``'s menu does not depend on ``b_i``, truth-telling is dominant whenever the
 chosen elements are compatible (no item allocated more than once); with one bidder this is
@@ -58,6 +59,16 @@ class GemNetConfig:
       alloc_clip: additive allocations are ``clip((1 + 2c) sigmoid(z) - c, 0, 1)`` with this ``c``
         (0: a plain sigmoid). With ``c > 0`` an element can allocate an item exactly 0 or 1, which
         lets two bidders split the items exactly (a sigmoid's tails always overlap a little).
+      item_prices: also append the deterministic bundles priced additively at per-item prices
+        ``q_ij = max(r_ij(b_-i), max_{k != i} b_kj + eps_j)`` (after the ``K`` learned
+        elements, before the null element): every nonempty bundle for additive bidders
+        (``2^m - 1``), every single item for unit-demand ones (``m``); ``r_ij`` is a learned
+        reserve in ``[0, high_j]`` and ``eps_j`` is ``TIE_MARGIN`` times ``high_j``. A menu of
+        ``K`` learned elements alone cannot post item prices on many items (it would need
+        ``2^m`` elements); these bundles hold second-price auctions with learned reserves
+        (item-wise Myerson at ``r = 1/2`` on U[0, 1], up to ``eps``), and two bidders never both
+        buy an item through them, ties included: only the learned elements can conflict. The
+        repair does not support these menus.
     """
 
     menu_size: int = 128
@@ -65,6 +76,21 @@ class GemNetConfig:
     layers: int = 2
     init_logit_scale: float = 2.0
     alloc_clip: float = 0.0
+    item_prices: bool = False
+
+
+MAX_ITEM_PRICE_ITEMS = 12  # 2^12 - 1 bundle elements at most
+# Item prices sit this share of the item's top value above the highest other bid, so two bidders
+# never both buy an item through them, ties and float32 rounding of the utilities included.
+TIE_MARGIN = 1e-4
+
+
+def bundle_matrix(n_items: int, valuation: str) -> np.ndarray:
+    """``[bundles, items]`` 0/1 rows of the item-price elements (see ``GemNetConfig``)."""
+    if valuation == "unit_demand":
+        return np.eye(n_items, dtype=np.float32)
+    codes = np.arange(1, 2**n_items)
+    return ((codes[:, None] >> np.arange(n_items)) & 1).astype(np.float32)
 
 
 @struct.dataclass
@@ -72,8 +98,10 @@ class Menus:
     """Every bidder's menu at a batch of profiles.
 
     Attributes:
-      alloc: ``[*batch, bidders, K + 1, items]`` allocations; element ``K`` is the null element.
-      price: ``[*batch, bidders, K + 1]`` prices (``>= 0``; 0 for the null element).
+      alloc: ``[*batch, bidders, elements, items]`` allocations: the ``K`` learned elements,
+        the item-price bundles if ``GemNetConfig.item_prices``, and the null element last
+        (``elements = K + 1`` without item prices).
+      price: ``[*batch, bidders, elements]`` prices (``>= 0``; 0 for the null element).
     """
 
     alloc: Any
@@ -141,9 +169,17 @@ class GemNet(nnx.Module):
         self.high = tuple(map(float, high.ravel()))
         # A price scale of the grand bundle's highest value keeps the raw price outputs O(1).
         self.price_scale = float(np.max(np.sum(high, axis=1)))
+        self.item_prices = bool(config.item_prices)
+        if self.item_prices and valuation == "additive" and m > MAX_ITEM_PRICE_ITEMS:
+            raise ValueError(
+                f"item_prices appends 2^m - 1 bundles; m = {m} items is more than "
+                f"{MAX_ITEM_PRICE_ITEMS}"
+            )
+        # posted item prices are scaled by the item's highest value
+        self.item_scale = tuple(float(x) for x in np.max(high, axis=0))
         n_in = 1 if n == 1 else (n - 1) * m
         n_alloc = k * (m + 1 if valuation == "unit_demand" else m)
-        n_out = n_alloc + k
+        n_out = n_alloc + k + (m if self.item_prices else 0)
         sizes = [n_in] + ([] if n == 1 else [config.hidden] * config.layers) + [n_out]
         glorot = nnx.initializers.glorot_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
         self.weights = nnx.List(
@@ -155,7 +191,9 @@ class GemNet(nnx.Module):
         logit0 = config.init_logit_scale * jax.random.normal(k_logit, (n, n_alloc))
         price_frac = jax.random.uniform(k_price, (n, k), minval=0.05, maxval=0.95)
         price0 = jnp.log(jnp.expm1(price_frac))  # softplus^-1
-        biases[-1] = jnp.concatenate([logit0, price0], axis=-1)
+        # posted item prices (in [0, highest value]) start at half the item's highest value
+        item0 = jnp.zeros((n, m if self.item_prices else 0))
+        biases[-1] = jnp.concatenate([logit0, price0, item0], axis=-1)
         self.biases = nnx.List([nnx.Param(b) for b in biases])
 
     @classmethod
@@ -196,12 +234,32 @@ class GemNet(nnx.Module):
         scale = np.stack([1.0 / width[r].ravel() for r in rows]).astype(np.float32)
         return shift, scale
 
+    @property
+    def n_elements(self) -> int:
+        """Menu length: ``K`` learned elements, the item-price bundles if any, the null element."""
+        extra = len(bundle_matrix(self.n_items, self.valuation)) if self.item_prices else 0
+        return self.menu_size + extra + 1
+
     def _head(self, out):
         """Raw network outputs ``[*batch, bidders, n_out]`` to (alloc logits, raw prices)."""
         m, k = self.n_items, self.menu_size
         width = m + 1 if self.valuation == "unit_demand" else m
         logits = out[..., : k * width].reshape(*out.shape[:-1], k, width)
-        return logits, out[..., k * width :]
+        return logits, out[..., k * width : k * width + k]
+
+    def _bundle_elements(self, out, bids):
+        """The item-price elements (alloc ``[*batch, n, B, m]``, price ``[*batch, n, B]``)."""
+        n, m, k = self.n_bidders, self.n_items, self.menu_size
+        width = m + 1 if self.valuation == "unit_demand" else m
+        raw = out[..., k * width + k :]  # [*batch, n, m]
+        q = jnp.asarray(self.item_scale, out.dtype) * jax.nn.sigmoid(raw)  # learned reserves
+        if n > 1:  # just above the highest other bid on each item: ties are not sold twice
+            others = others_bids(bids).reshape(*bids.shape[:-2], n, n - 1, m)
+            margin = TIE_MARGIN * jnp.asarray(self.item_scale, out.dtype)
+            q = jnp.maximum(q, jnp.max(others, axis=-2) + margin)
+        bundles = jnp.asarray(bundle_matrix(m, self.valuation), out.dtype)  # [B, m]
+        alloc = jnp.broadcast_to(bundles, (*out.shape[:-1], *bundles.shape))
+        return alloc, q @ bundles.T
 
     def _alloc_from_logits(self, logits):
         if self.valuation == "unit_demand":
@@ -233,9 +291,14 @@ class GemNet(nnx.Module):
         check_bids(bids, n_bidders=n, n_items=m)
         shift, scale = self.input_affine()
         x = (others_bids(bids) - shift) * scale
-        logits, raw_price = self._head(self.raw_outputs(x))
+        out = self.raw_outputs(x)
+        logits, raw_price = self._head(out)
         alloc = self._alloc_from_logits(logits)  # [*batch, n, K, m]
         price = self.price_scale * jax.nn.softplus(raw_price)  # [*batch, n, K]
+        if self.item_prices:
+            b_alloc, b_price = self._bundle_elements(out, bids)
+            alloc = jnp.concatenate([alloc, b_alloc], axis=-2)
+            price = jnp.concatenate([price, b_price], axis=-1)
         null_alloc = jnp.zeros((*alloc.shape[:-2], 1, m), alloc.dtype)
         null_price = jnp.zeros((*price.shape[:-1], 1), price.dtype)
         return Menus(
@@ -287,7 +350,7 @@ def quantize_bids(
 def menu_utilities(
     menus: Menus, values: Float[Array, "*batch bidders items"]
 ) -> Float[Array, "*batch bidders elements"]:
-    """``[*batch, bidders, K + 1]`` each bidder's utility for each element of its menu."""
+    """``[*batch, bidders, elements]`` each bidder's utility for each element of its menu."""
     return jnp.einsum("...m,...km->...k", values, menus.alloc) - menus.price
 
 
@@ -309,6 +372,16 @@ def choose(menus: Menus, values: Float[Array, "*batch bidders items"]) -> Choice
 
 # --------------------------------------------------------------------------------------------------
 # Interval bound propagation.
+
+
+def require_learned_menus(model: GemNet, what: str) -> None:
+    """Reject a GemNet with item-price bundles where only learned menus are modelled."""
+    if getattr(model, "item_prices", False):
+        raise NotImplementedError(
+            f"{what} does not support GemNets with item_prices=True (their bundles' prices "
+            "follow the others' bids through a max that the interval bounds and the certificate "
+            "do not model); train without item_prices to repair and certify"
+        )
 
 
 def _interval_softmax(lo, hi):
@@ -345,6 +418,7 @@ def menu_bounds(
     ``[*batch, bidders, K + 1]``. Bounds are exact real-arithmetic bounds up to floating-point
     rounding; certification adds a tolerance for that.
     """
+    require_learned_menus(model, "menu_bounds")
     n = model.n_bidders
     batch = others_lo.shape[:-2]
     if others_lo.shape != others_hi.shape or others_lo.shape[-2] != n:
@@ -461,6 +535,7 @@ def menu_jacobians(
     ``splits``: the spread is the largest over ``splits`` equal parts per input coordinate (the
     interval Jacobian's looseness shrinks with the part's width; the true spread does not).
     """
+    require_learned_menus(model, "menu_jacobians")
     if model.valuation != "additive":
         raise NotImplementedError("menu_jacobians supports additive bidders only")
     if model.n_bidders == 1:

@@ -59,7 +59,15 @@ from gemnet.milp import (
     solve_cell,
     tighten_prices,
 )
-from gemnet.model import GemNet, Menus, choose, menu_bounds, menu_jacobians, others_bids
+from gemnet.model import (
+    GemNet,
+    Menus,
+    choose,
+    menu_bounds,
+    menu_jacobians,
+    others_bids,
+    require_learned_menus,
+)
 
 __all__ = ["RepairConfig", "RepairError", "RepairedGemNet", "certifiable_share", "repair"]
 
@@ -768,6 +776,7 @@ def certifiable_share(
     Raises:
       ValueError: a setting the repair cannot handle, or ``level`` / ``n_boxes`` out of range.
     """
+    require_learned_menus(model, "certifiable_share")
     if not 0 <= level <= 20:
         raise ValueError(f"level must be in [0, 20], got {level}")
     if n_boxes < 1:
@@ -977,7 +986,8 @@ def repair(
     Raises:
       ValueError: a setting that does not match the model, or that the repair cannot handle
         (correlated or unbounded values).
-      RepairError: a MILP failed (infeasible at every floor, or out of time) or limits were hit.
+      RepairError: a MILP failed (infeasible at every floor, or out of time), limits were hit, or
+        the GemNet has item-price bundles (``GemNetConfig.item_prices``), which it does not model.
     """
     t0 = time.perf_counter()
     if not isinstance(model, GemNet):
@@ -999,6 +1009,11 @@ def repair(
     n, k1 = model.n_bidders, model.menu_size + 1
     scale = model.price_scale
     offsets = [_Offsets(grid, i, k1) for i in range(n)]
+    if model.item_prices:  # after the grid checks: a grid too large is the first reason to give
+        raise RepairError(
+            "the repair does not support GemNets with item_prices=True (their bundles' prices "
+            "follow the others' bids through a max that the bounds and certificate do not model)"
+        )
     checker = _Checker(model, grid, offsets, config, scale)
     workers = config.workers or os.cpu_count() or 1
     lo, size = _initial_boxes(grid, config.start_level, config.max_boxes)

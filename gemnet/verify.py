@@ -1286,6 +1286,7 @@ def verify_certificate(
 
     Raises:
       ValueError: ``chunk`` or ``max_failures`` below 1.
+      NotImplementedError: a GemNet with item-price bundles (no certificate models them).
 
     Examples:
       >>> from flax import nnx
@@ -1308,6 +1309,11 @@ def verify_certificate(
     """
     if chunk < 1 or max_failures < 1:
         raise ValueError(f"chunk and max_failures must be >= 1, got {chunk} and {max_failures}")
+    if getattr(model, "item_prices", False):
+        raise NotImplementedError(
+            "verify_certificate does not support GemNets with item_prices=True (no certificate "
+            "models their bundles' prices)"
+        )
     start = time.perf_counter()
     fail = _Failures(max_failures)
     n_box = int(np.shape(certificate.box_lo)[0]) if np.ndim(certificate.box_lo) >= 1 else 0

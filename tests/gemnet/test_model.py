@@ -5,8 +5,9 @@ import pytest
 from flax import nnx
 
 from diffecon import check_mechanism, get_setting
+from diffecon.baselines import itemwise_myerson
 from gemnet import GemNet, GemNetConfig, choose, menu_bounds, menu_utilities
-from gemnet.model import menu_jacobians, others_bids
+from gemnet.model import TIE_MARGIN, menu_jacobians, others_bids
 
 SMALL = GemNetConfig(menu_size=6, hidden=16)
 
@@ -184,3 +185,99 @@ def test_menu_jacobians_reject_what_they_do_not_cover():
     one = GemNet.for_setting(get_setting("additive_1x2_uniform"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="two or more bidders"):
         menu_jacobians(one, jnp.ones((1, 1, 1)), jnp.ones((1, 1, 1)))
+
+
+ITEM_PRICES = GemNetConfig(menu_size=6, hidden=16, item_prices=True)
+
+
+def _as_itemwise_myerson(model: GemNet) -> GemNet:
+    """The model with its learned elements priced out and every reserve at half the item's top
+    value: item-wise Myerson on U[0, 1] values."""
+    k, m = model.menu_size, model.n_items
+    w, b = model.weights[-1][...], model.biases[-1][...]
+    n_alloc = k * m
+    b = b.at[:, n_alloc : n_alloc + k].set(100.0)  # learned prices ~ 100 * price scale
+    b = b.at[:, n_alloc + k :].set(0.0)  # sigmoid(0) = 1/2 of the item's top value
+    model.weights[-1][...] = w.at[..., n_alloc + k :].set(0.0)
+    model.biases[-1][...] = b
+    return model
+
+
+@pytest.mark.parametrize("name", ["additive_2x3_uniform", "additive_3x3_uniform"])
+def test_item_price_bundles_at_half_are_itemwise_myerson(name):
+    setting = get_setting(name)
+    model = _as_itemwise_myerson(_model(name, config=ITEM_PRICES))
+    assert model.n_elements == 6 + 2**setting.n_items - 1 + 1
+    bids = setting.sample(jax.random.key(3), (4096,))
+    got, want = model(bids), itemwise_myerson(setting)(bids)
+    # the same outcome except where the top two bids are within the tie margin of each other
+    top2 = jnp.sort(bids, axis=-2)[..., -2:, :]
+    clear = (top2[..., 1, :] - top2[..., 0, :] > 2 * TIE_MARGIN)[..., None, :]  # [B, 1, m]
+    assert float(jnp.mean(clear)) > 0.99
+    np.testing.assert_array_equal(
+        np.asarray(jnp.where(clear, got.alloc, 0)), np.asarray(jnp.where(clear, want.alloc, 0))
+    )
+    pay_gap = jnp.abs(got.pay - want.pay)
+    assert float(jnp.max(jnp.where(jnp.all(clear, -1), pay_gap, 0.0))) < 1e-6 + 3 * TIE_MARGIN
+
+
+def test_item_price_bundles_are_priced_at_the_highest_other_bid_or_the_reserve():
+    setting = get_setting("additive_3x3_uniform")
+    model = _model("additive_3x3_uniform", seed=2, config=ITEM_PRICES)
+    bids = setting.sample(jax.random.key(4), (256,))
+    menus = model.menus(bids)
+    n, m, k = setting.n_bidders, setting.n_items, model.menu_size
+    # single-item bundles sit at K + 2^j - 1; their price is q_ij
+    q = menus.price[..., [k + 2**j - 1 for j in range(m)]]  # [B, n, m]
+    highest_other = jnp.max(others_bids(bids).reshape(-1, n, n - 1, m), axis=-2)
+    assert bool(jnp.all(q >= highest_other))
+    # where the highest other bid is not the price, a reserve in (0, 1) is
+    reserve = q < highest_other + 1e-7
+    assert bool(jnp.any(~reserve)) and bool(jnp.all((q > 0) & (q < 1)))
+    # bundles are priced additively
+    grand = menus.price[..., k + 2**m - 2]
+    np.testing.assert_allclose(np.asarray(grand), np.asarray(jnp.sum(q, -1)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(menus.alloc[..., k + 2**m - 2, :]), 1.0)
+
+
+@pytest.mark.parametrize("name", ["additive_3x3_uniform", "unit_2x2_uniform"])
+def test_item_price_bundles_never_over_allocate(name):
+    """Learned elements priced out: bidders buy through the item prices only, and two bidders
+    never both beat each other's bid on an item."""
+    setting = get_setting(name)
+    model = _model(name, seed=1, config=ITEM_PRICES)
+    k, width = model.menu_size, setting.n_items + (setting.valuation == "unit_demand")
+    model.biases[-1][...] = model.biases[-1][...].at[:, k * width : k * width + k].set(100.0)
+    bids = setting.sample(jax.random.key(5), (4096,))
+    # ties on the support's edge, and within float32 rounding of each other
+    bids = bids.at[:64].set(1.0).at[64:128, :, 0].set(0.75)
+    bids = bids.at[128:192, 0, 0].set(jnp.nextafter(bids[128:192, 1, 0], 2.0))
+    out = model(bids)
+    assert float(jnp.max(jnp.sum(out.alloc, axis=-2))) <= 1.0
+    assert float(jnp.mean(jnp.sum(out.alloc, axis=(-2, -1)))) > 0.2  # items are sold
+    check_mechanism(model, setting)
+
+
+def test_item_price_menus_are_strategy_proof_and_checked():
+    setting = get_setting("additive_3x3_uniform")
+    model = _model("additive_3x3_uniform", config=ITEM_PRICES)
+    bids = setting.sample(jax.random.key(1), (64,))
+    base = model.menus(bids)
+    moved = bids.at[:, 0].set(setting.sample(jax.random.key(9), (64,))[:, 0])
+    other = model.menus(moved)
+    np.testing.assert_array_equal(np.asarray(other.price[:, 0]), np.asarray(base.price[:, 0]))
+    assert not np.array_equal(np.asarray(other.price[:, 1]), np.asarray(base.price[:, 1]))
+    lo = others_bids(bids)
+    with pytest.raises(NotImplementedError, match="item_prices"):
+        menu_bounds(model, lo, lo)
+    with pytest.raises(NotImplementedError, match="item_prices"):
+        menu_jacobians(model, lo, lo)
+    with pytest.raises(ValueError, match="more than 12"):
+        GemNet(
+            n_bidders=2,
+            n_items=13,
+            low=np.zeros((2, 13)),
+            high=np.ones((2, 13)),
+            config=ITEM_PRICES,
+            rngs=nnx.Rngs(0),
+        )

@@ -132,6 +132,20 @@ def test_repair_rejects_bad_input(tiny_2x2):
         repair(object(), setting, FAST)  # type: ignore[arg-type]
 
 
+def test_repair_and_verify_refuse_item_price_menus(repaired_2x2):
+    """Item-price bundles are priced through a max of the others' bids that no bound models."""
+    setting, _, _, cert = repaired_2x2
+    model = GemNet.for_setting(
+        setting, GemNetConfig(menu_size=4, hidden=8, item_prices=True), rngs=nnx.Rngs(0)
+    )
+    with pytest.raises(RepairError, match="item_prices"):
+        repair(model, setting, FAST)
+    with pytest.raises(NotImplementedError, match="item_prices"):
+        certifiable_share(model, setting, level=1, key=jax.random.key(0), n_boxes=8)
+    with pytest.raises(NotImplementedError, match="item_prices"):
+        verify_certificate(model, setting, cert)
+
+
 def test_repair_gives_up_clearly_when_rounds_run_out(tiny_2x2):
     setting, model = tiny_2x2
     with pytest.raises(RepairError, match="MILP rounds"):
