@@ -625,14 +625,14 @@ class _Checker:
         self.n, self.m = model.n_bidders, model.n_items
         self.k1 = model.menu_size + 1
         self.scale = scale
-        splits = effective_splits(config.bound_splits, model)
         tols = (config.utility_tolerance * scale, config.alloc_tolerance)
         # (one bidder: the menu is a constant, nothing to quantize)
         self.cell_menus = _CellMenus(model, grid) if config.quantize and self.n > 1 else None
-        if self.cell_menus is not None:
+        if self.cell_menus is not None:  # exact envelopes of cell menus: no bound splits
             self.fn = _quantized_bound_fn(*tols)
             self.fast = None
         else:
+            splits = effective_splits(config.bound_splits, model)
             self.fn = _bound_fn(model, *tols, splits)
             self.fast = _bound_fn(model, *tols, 1) if splits > 1 else None
         self.rel = None
