@@ -249,9 +249,8 @@ class GemNet(nnx.Module):
 
     def _bundle_elements(self, out, bids):
         """The item-price elements (alloc ``[*batch, n, B, m]``, price ``[*batch, n, B]``)."""
-        n, m, k = self.n_bidders, self.n_items, self.menu_size
-        width = m + 1 if self.valuation == "unit_demand" else m
-        raw = out[..., k * width + k :]  # [*batch, n, m]
+        n, m = self.n_bidders, self.n_items
+        raw = out[..., -m:]  # [*batch, n, m]: the item-price outputs come last
         q = jnp.asarray(self.item_scale, out.dtype) * jax.nn.sigmoid(raw)  # learned reserves
         if n > 1:  # just above the highest other bid on each item: ties are not sold twice
             others = others_bids(bids).reshape(*bids.shape[:-2], n, n - 1, m)

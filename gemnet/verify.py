@@ -6,7 +6,8 @@ nothing with the builder (``gemnet.repair``) or with ``gemnet.model.menu_bounds`
 bound propagation through the stacked tanh MLP and the output heads (sigmoid per entry; exact
 per-coordinate bounds of the unit-demand softmax; softplus prices), its own input scaling and price
 scale (recomputed from ``setting.low`` / ``setting.high``), its own tiling check and its own
-offset look-up. Only :func:`gemnet.certificate.params_digest` is shared (it defines the digest).
+offset look-up. Only :func:`gemnet.certificate.params_digest` is shared (it defines the digest),
+and the guard :func:`gemnet.model.require_learned_menus` that turns away item-price menus.
 
 Checks, each a key of :attr:`VerificationReport.checks`:
 
@@ -55,7 +56,7 @@ import numpy as np
 from diffecon.distributions import Discrete
 from diffecon.settings import Setting
 from gemnet.certificate import Certificate, params_digest
-from gemnet.model import GemNet
+from gemnet.model import GemNet, require_learned_menus
 
 __all__ = [
     "MAX_BOUND_PARTS",
@@ -1309,11 +1310,7 @@ def verify_certificate(
     """
     if chunk < 1 or max_failures < 1:
         raise ValueError(f"chunk and max_failures must be >= 1, got {chunk} and {max_failures}")
-    if getattr(model, "item_prices", False):
-        raise NotImplementedError(
-            "verify_certificate does not support GemNets with item_prices=True (no certificate "
-            "models their bundles' prices)"
-        )
+    require_learned_menus(model, "verify_certificate")
     start = time.perf_counter()
     fail = _Failures(max_failures)
     n_box = int(np.shape(certificate.box_lo)[0]) if np.ndim(certificate.box_lo) >= 1 else 0
