@@ -115,6 +115,7 @@ class GemNetBenchConfig:
       regret_profiles: profiles searched for regret.
       adversarial_starts: starts of the adversarial over-allocation search.
       max_level: the repair's finest grid (``2^max_level`` cells per coordinate).
+      pairwise: the repair's pairwise candidate test (``RepairConfig.pairwise``; 0: off).
       workers: MILP processes (0: one per CPU).
       quick: a smoke run (tiny networks and training, small samples; checkpoints under ``out``).
       seed: seeds training and evaluation.
@@ -130,6 +131,7 @@ class GemNetBenchConfig:
     regret_profiles: int = 200
     adversarial_starts: int = 4096
     max_level: int = 5
+    pairwise: int = 0
     workers: int = 0
     quick: bool = False
     seed: int = 0
@@ -302,6 +304,7 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
                         setting,
                         RepairConfig(
                             max_level=config.max_level,
+                            pairwise=config.pairwise,
                             workers=config.workers,
                             progress=False,
                             time_limit_s=120.0,

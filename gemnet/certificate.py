@@ -36,7 +36,11 @@ The certificate claims: for every box, with interval bounds of every bidder's me
 cell lookup), every bidder's **candidate set** (elements whose largest utility over the box, after
 offsets, reaches the best smallest utility minus ``utility_tolerance``) is compatible: for every
 item ``j``, ``sum_i max_{k in candidates_i} min(alloc_ij^k (upper bound) + alloc_tolerance, 1)``
-is at most 1 (the null element allocates exactly 0).
+is at most 1 (the null element allocates exactly 0). For quantized menus an element is also
+outside the candidate set when another element ``d`` beats it on the whole box by more than
+``utility_tolerance``: ``max_{v in box} (u_k(v) - u_d(v))``, linear in ``v`` for fixed menus, is
+bounded with the interval of ``alloc^k - alloc^d`` per item and the least price difference (the
+pairwise test; the verifier compares each element with the eight best by lower utility).
 
 With two additive bidders a box may instead be certified **relationally** (the candidate sets
 themselves conflict, but no profile in the box makes both conflicting choices): for every pair of

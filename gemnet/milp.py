@@ -25,7 +25,44 @@ from typing import Any
 import numpy as np
 from ortools.linear_solver import pywraplp
 
-__all__ = ["CellProblem", "CellSolution", "discrete_revenue_milp", "solve_cell", "tighten_prices"]
+__all__ = [
+    "CellProblem",
+    "CellSolution",
+    "discrete_revenue_milp",
+    "pairwise_gap",
+    "solve_cell",
+    "tighten_prices",
+]
+
+
+def pairwise_gap(v_lo, v_hi, a_lo, a_top, p_lo, p_hi, dom, *, xp: Any = np):
+    """Upper bound of ``u_k(v) - u_d(v)`` over a box for every element ``k`` and dominator ``d``.
+
+    ``u_k - u_d = sum_j (alpha_kj - alpha_dj) v_j - (beta_k - beta_d)`` is linear in ``v`` for
+    fixed menus, so with the allocation difference in ``[a_lo_k - a_top_d, a_top_k - a_lo_d]``
+    its maximum over the box is a sum of the largest of four corner products per item. Where
+    ``k`` and ``d`` allocate the same items this is far below ``u_hi[k] - u_lo[d]``, which takes
+    the two utilities at opposite corners of the box. Sound for any dominators: an element whose
+    bound is negative for some ``d`` is never chosen in the box.
+
+    Args:
+      v_lo, v_hi: ``[*batch, m]`` the box of the bidder's own values.
+      a_lo, a_top: ``[*batch, K + 1, m]`` allocation bounds.
+      p_lo, p_hi: ``[*batch, K + 1]`` price bounds (offsets included).
+      dom: ``[*batch, T]`` the dominators' element indices.
+      xp: the array module (``numpy``, or ``jax.numpy`` inside the builder's jitted checks).
+
+    Returns:
+      ``[*batch, K + 1, T]`` the bounds.
+    """
+    d_lo = xp.take_along_axis(a_lo, dom[..., None], axis=-2)  # [*batch, T, m]
+    d_top = xp.take_along_axis(a_top, dom[..., None], axis=-2)
+    d_price = xp.take_along_axis(p_hi, dom, axis=-1)  # [*batch, T]
+    hi = a_top[..., :, None, :] - d_lo[..., None, :, :]  # [*batch, K + 1, T, m]
+    lo = a_lo[..., :, None, :] - d_top[..., None, :, :]
+    vl, vh = v_lo[..., None, None, :], v_hi[..., None, None, :]
+    gain = xp.maximum(xp.maximum(hi * vh, hi * vl), xp.maximum(lo * vh, lo * vl))
+    return xp.sum(gain, axis=-1) - p_lo[..., :, None] + d_price[..., None, :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +78,10 @@ class CellProblem:
       floor_slacks: ``L_floor = max(0, L_0 - slack)`` tried in order (``inf``: floor 0).
       dominators: good elements (by lower utility) offered as dominators per box.
       time_limit_s: per solve.
+      menu: ``(a_lo, a_top [K + 1, m], p_lo, p_hi [K + 1])``, the cell's menu bounds before
+        offsets, and ``v_lo, v_hi [boxes, m]`` the boxes' own values: exclusions then use the
+        pairwise bound ``u_k - u_d <= gap`` (:func:`pairwise_gap`) instead of
+        ``u_hi[k] - u_lo[d]`` (``None``: the latter).
       rel_ok: ``[boxes]`` whether the box may instead be certified relationally, by the rows of
         ``rel_*`` with that box: ``rel_coef * (Delta[rel_k] - Delta[rel_l]) >= rel_need`` each
         (the relational witness of a conflicting pair, linear in the offsets).
@@ -54,6 +95,9 @@ class CellProblem:
     floor_slacks: tuple[float, ...]
     dominators: int
     time_limit_s: float
+    menu: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    v_lo: np.ndarray | None = None
+    v_hi: np.ndarray | None = None
     rel_ok: np.ndarray | None = None
     rel_box: np.ndarray | None = None
     rel_k: np.ndarray | None = None
@@ -129,14 +173,15 @@ def _solve_with_floor(p: CellProblem, slack: float):
             ys_all = ys
         n_bin += len(ys_all)
         solver.Add(sum(ys_all) == 1)
-        for d, y in zip(doms, ys, strict=True):
+        gap = p.u_hi[b, constrained][:, None] - p.u_lo[b, doms][None, :]  # [constrained, doms]
+        if p.menu is not None and p.v_lo is not None and p.v_hi is not None and doms:
+            pair = pairwise_gap(p.v_lo[b], p.v_hi[b], *p.menu, np.asarray(doms))[constrained]
+            gap = np.minimum(gap, pair)
+        for t, (d, y) in enumerate(zip(doms, ys, strict=True)):
             if d != null:
                 solver.Add(p.u_lo[b, d] - var(d) >= floor[b] - big_m * (1 - y))
-            for k in constrained:
-                solver.Add(
-                    float(p.u_hi[b, k]) - var(int(k))
-                    <= float(p.u_lo[b, d]) - var(d) - p.eps + big_m * (1 - y)
-                )
+            for c, k in enumerate(constrained):
+                solver.Add(float(gap[c, t]) - var(int(k)) <= -var(d) - p.eps + big_m * (1 - y))
     solver.Minimize(solver.Sum(list(delta.values())) if delta else 0.0)
     status = solver.Solve()
     names = {

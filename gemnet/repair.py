@@ -12,7 +12,9 @@ With ``RepairConfig.quantize`` (the default) the repaired mechanism evaluates ea
 network at the centre of the finest cell of ``b_-i`` (menus piecewise constant in the others'
 bids). The menus over a box are then finitely many, and their exact envelope over the box's cells
 (:class:`_CellMenus`) replaces interval propagation: tighter on every box, and exact on the finest
-boxes, where both bidders' menus are fixed.
+boxes, where both bidders' menus are fixed. ``RepairConfig.pairwise`` also drops an element from
+a candidate set when another one beats it on the whole box, by the exact maximum of their utility
+difference (linear in the values for fixed menus).
 
 Boxes still uncertified at the finest level are repaired bidder by bidder (stage ``r = 1 .. n-1``
 makes bidders ``0..r`` compatible with the offsets of bidders ``< r`` fixed): bidder ``r``'s prices
@@ -56,6 +58,7 @@ from gemnet.milp import (
     CellProblem,
     CellSolution,
     discrete_revenue_milp,
+    pairwise_gap,
     solve_cell,
     tighten_prices,
 )
@@ -101,6 +104,12 @@ class RepairConfig:
       floor_slacks: the MILP's utility floors tried in order, as fractions of the price scale
         (``inf``: the null element's 0, always feasible).
       dominators: good elements offered per box as dominators in the MILP.
+      pairwise: with ``quantize``, an element is also no candidate in a box when one of this many
+        dominators (the elements with the best lower utilities) beats it everywhere in the box,
+        by the exact maximum of the utility difference, linear in the values
+        (:func:`gemnet.milp.pairwise_gap`; 0: the interval test alone). The MILP then excludes
+        elements by the same differences. Helps most on coarse grids, where interval bounds of
+        two utilities at opposite corners of a wide box keep many elements as candidates.
       two_sided: a box that stays incompatible is repaired by whichever active bidder needs the
         smaller price rise to drop its conflicting elements there (else always by the bidder
         added last in the staged order, whose rivals' prices stay fixed).
@@ -138,6 +147,7 @@ class RepairConfig:
     milp_margin: float = 3.0
     floor_slacks: tuple[float, ...] = (0.05, 0.25, math.inf)
     dominators: int = 4
+    pairwise: int = 0
     two_sided: bool = True
     relational: bool = True
     relational_rounds: int = 3
@@ -415,27 +425,35 @@ def _bound_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
     return bounds
 
 
-def _quantized_bound_fn(utility_tol: float, alloc_tol: float):
-    """:func:`_bound_fn` for quantized menus: the menu bounds come in (from :class:`_CellMenus`)."""
-    core = _bound_core(utility_tol)
+def _quantized_bound_fn(utility_tol: float, alloc_tol: float, pairwise: int = 0):
+    """:func:`_bound_fn` for quantized menus: the menu bounds come in (from :class:`_CellMenus`).
+
+    With ``pairwise > 0`` candidate sets are also cut by the pairwise test
+    (:func:`gemnet.milp.pairwise_gap`) against that many dominators per box."""
+    core = _bound_core(utility_tol, pairwise)
 
     @jax.jit
     def bounds(rlo, rhi, delta, a_lo, a_hi, p_lo, p_hi, active):
-        return core(
-            _utilities_from_menus(rlo, rhi, a_lo, a_hi, p_lo, p_hi, alloc_tol), delta, active
-        )
+        utilities = _utilities_from_menus(rlo, rhi, a_lo, a_hi, p_lo, p_hi, alloc_tol)
+        return core(utilities, delta, active, (rlo, rhi, p_lo, p_hi))
 
     return bounds
 
 
-def _bound_core(utility_tol: float):
-    def core(utilities, delta, active):
-        _, a_hi, u_lo0, u_hi0 = utilities
+def _bound_core(utility_tol: float, pairwise: int = 0):
+    def core(utilities, delta, active, box=None):
+        a_lo, a_hi, u_lo0, u_hi0 = utilities
         u_hi, u_lo = u_hi0 - delta, u_lo0 - delta
         best = jnp.max(u_lo, axis=-1, keepdims=True)
         # The builder (float32) is stricter than the certificate's rule, so that the float64
         # verifier never disagrees at the margin: more candidates, and totals below 1 - margin.
         cand = u_hi >= best - BUILDER_SLACK * utility_tol
+        if pairwise and box is not None:
+            # an element that some dominator beats everywhere in the box is no candidate
+            rlo, rhi, p_lo, p_hi = box
+            dom = jax.lax.top_k(u_lo, min(pairwise, u_lo.shape[-1]))[1]
+            gap = pairwise_gap(rlo, rhi, a_lo, a_hi, p_lo + delta, p_hi + delta, dom, xp=jnp)
+            cand = cand & jnp.all(gap >= -BUILDER_SLACK * utility_tol, axis=-1)
         usage = jnp.max(jnp.where(cand[..., None], a_hi, 0.0), axis=-2)  # [B, n, m]
         used = usage * active[None, :, None]
         total = jnp.sum(used, axis=1)
@@ -629,7 +647,7 @@ class _Checker:
         # (one bidder: the menu is a constant, nothing to quantize)
         self.cell_menus = _CellMenus(model, grid) if config.quantize and self.n > 1 else None
         if self.cell_menus is not None:  # exact envelopes of cell menus: no bound splits
-            self.fn = _quantized_bound_fn(*tols)
+            self.fn = _quantized_bound_fn(*tols, config.pairwise)
             self.fast = None
         else:
             splits = effective_splits(config.bound_splits, model)
@@ -1052,6 +1070,7 @@ def repair(
         offset_cells=[len(k) for k in keys],
         wall_s=round(time.perf_counter() - t0, 3),
         max_level=config.max_level,
+        pairwise=config.pairwise,
     )
     cert = Certificate(
         setting=setting.name,
@@ -1369,6 +1388,20 @@ def _cell_problem(
     rel: dict[str, Any] = {}
     if relational and checker.rel is not None and np.all(active > 0):
         rel = _relational_rows(i, lo, size, checker)
+    if checker.cell_menus is not None and config.pairwise:
+        # every box lies in this one cell of b_-i: one menu (exact), the boxes' own values
+        m_lo, m_hi, p_lo, p_hi = (
+            x[0, i].astype(np.float64) for x in checker.cell_menus.envelope(lo[:1], size[:1])
+        )
+        a_top = np.where(m_hi > 0.0, np.minimum(m_hi + config.alloc_tolerance, 1.0), 0.0)
+        a_top[-1] = 0.0
+        rlo, rhi = checker.grid.bounds(lo, size, config.box_inflation)
+        shape = (len(lo), checker.n, checker.m)
+        rel.update(
+            menu=(m_lo, a_top, p_lo, p_hi),
+            v_lo=rlo.reshape(shape)[:, i].astype(np.float64),
+            v_hi=rhi.reshape(shape)[:, i].astype(np.float64),
+        )
     return CellProblem(
         cell=int(key),
         u_hi=u_hi0[:, i].astype(np.float64),

@@ -97,6 +97,8 @@ MAX_BOUND_PARTS = 4096
 _JAC_RTOL, _JAC_ATOL, _WITNESS_ATOL = 1e-9, 1e-12, 1e-9
 # Entries of the [rows, K, width, width] array of the softmax bounds per block.
 _SOFTMAX_ENTRIES = 2**22
+# Elements (best lower utilities first) each candidate is compared with by the pairwise test.
+PAIRWISE_DOMINATORS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1172,9 +1174,20 @@ class _Compatibility:
         return out
 
     def usage(
-        self, bidder: int, lo: np.ndarray, size: np.ndarray, v_lo: np.ndarray, v_hi: np.ndarray
+        self,
+        bidder: int,
+        lo: np.ndarray,
+        size: np.ndarray,
+        v_lo: np.ndarray,
+        v_hi: np.ndarray,
+        *,
+        pairwise: bool = False,
     ) -> _Usage:
-        """Bidder ``bidder``'s candidate sets and their largest allocations over boxes."""
+        """Bidder ``bidder``'s candidate sets and their largest allocations over boxes.
+
+        With ``pairwise`` an element is also dropped when one of the ``PAIRWISE_DOMINATORS``
+        elements with the best lower utilities beats it on the whole box (:meth:`_beaten`).
+        """
         inv, a_lo, a_hi, pr_lo, pr_hi, o_lo, o_hi = self._bidder_bounds(bidder, lo, size)
         k, tol_a = self.k, self.alloc_tolerance
         # Allocations never exceed 1 (sigmoid, softmax; also in float32), so the slack stops there.
@@ -1198,6 +1211,12 @@ class _Compatibility:
         floor = np.maximum(np.max(u_lo, axis=1), null_lo) - self.utility_tolerance
         cand = u_hi >= floor[:, None]
         cand_null = null_hi >= floor
+        if pairwise:
+            beaten = self._beaten(
+                inv, a_lo, a_top, pr_lo, pr_hi, o_lo, o_hi, u_lo, null_lo, v_lo, v_hi
+            )
+            cand &= ~beaten[:, :k]
+            cand_null &= ~beaten[:, k]
         use = np.full((boxes, self.m), -np.inf)
         rows, elems = np.nonzero(cand)  # row-major: grouped by box
         if len(rows):
@@ -1205,6 +1224,40 @@ class _Compatibility:
             use[rows[seg]] = np.maximum.reduceat(a_top[inv[rows], elems], seg, axis=0)
         use = np.maximum(use, np.where(cand_null, 0.0, -np.inf)[:, None])
         return _Usage(use, cand, cand_null, inv, a_top)
+
+    def _beaten(self, inv, a_lo, a_top, pr_lo, pr_hi, o_lo, o_hi, u_lo, null_lo, v_lo, v_hi):
+        """``[boxes, K + 1]`` elements that some strong element out-earns on the whole box.
+
+        For fixed menus ``u_k - u_d`` is linear in the values; over the box it is at most
+        ``sum_j max(c v_j)`` over ``c`` in the interval of ``alpha_kj - alpha_dj`` and ``v_j`` in
+        ``[v_lo_j, v_hi_j]`` (a product's extremes are at its corners), minus the least price
+        difference. Below ``-utility_tolerance``, bidder ``bidder`` never picks ``k`` in the box.
+        The comparison elements ``d`` are those with the best lower utilities (any choice is sound).
+        """
+        k, m = self.k, self.m
+        zero = np.zeros((a_lo.shape[0], 1, m))
+        # per projection, with the null element (allocates 0, priced at its offset) appended
+        al = np.concatenate([a_lo, zero], 1)[inv]  # [boxes, K + 1, m]
+        at = np.concatenate([a_top, zero], 1)[inv]
+        price_lo = np.concatenate([pr_lo + o_lo[:, :k], o_lo[:, k:]], 1)[inv]
+        price_hi = np.concatenate([pr_hi + o_hi[:, :k], o_hi[:, k:]], 1)[inv]
+        lower = np.concatenate([u_lo, null_lo[:, None]], 1)
+        count = min(PAIRWISE_DOMINATORS, k + 1)
+        strong = np.argsort(-lower, axis=1, kind="stable")[:, :count]
+        rows = np.arange(len(inv))
+        beaten = np.zeros(lower.shape, bool)
+        for t in range(count):
+            d = strong[:, t]
+            most = -price_lo + price_hi[rows, d][:, None]
+            for j in range(m):
+                c_hi = at[:, :, j] - al[rows, d, j][:, None]
+                c_lo = al[:, :, j] - at[rows, d, j][:, None]
+                lo_j, hi_j = v_lo[:, j][:, None], v_hi[:, j][:, None]
+                most = most + np.maximum.reduce(
+                    [c_hi * hi_j, c_hi * lo_j, c_lo * hi_j, c_lo * lo_j]
+                )
+            beaten |= most < -self.utility_tolerance
+        return beaten
 
     def run(self, box_lo: np.ndarray, box_size: np.ndarray, chunk: int, fail: _Failures) -> int:
         """Check every box; returns the number of uncertified boxes.
@@ -1230,6 +1283,17 @@ class _Compatibility:
                 use[i, rows] = self.usage(i, lo, size, v_lo, v_hi).use
         total = use.sum(axis=0)  # [boxes, m]
         bad = np.flatnonzero(np.any(total > 1.0, axis=1))
+        # The pairwise test only shrinks candidate sets: run it where the interval test fails.
+        if len(bad) and self.quantized:
+            for i in range(n):
+                own = list(range(i * m, (i + 1) * m))
+                for s in range(0, len(bad), chunk):
+                    rows = bad[s : s + chunk]
+                    lo, size = box_lo[rows], box_size[rows]
+                    v_lo, v_hi = self.extent(lo[:, own], size[:, own], own)
+                    use[i, rows] = self.usage(i, lo, size, v_lo, v_hi, pairwise=True).use
+            total = use.sum(axis=0)
+            bad = np.flatnonzero(np.any(total > 1.0, axis=1))
         # (witnesses bound the network between cells: they say nothing about quantized menus)
         if len(bad) and len(self.witness_t) and not self.quantized:
             bad = bad[~self.relational(bad, box_lo, box_size, chunk)]
@@ -1244,7 +1308,7 @@ class _Compatibility:
             parts = []
             for i in range(n):
                 own = slice(i * m, (i + 1) * m)
-                usage = self.usage(i, lo, size, v_lo[:, own], v_hi[:, own])
+                usage = self.usage(i, lo, size, v_lo[:, own], v_hi[:, own], pairwise=self.quantized)
                 parts.append(f"bidder {i}: {usage.describe(0, j, self.k)}")
             fail.add(
                 "compatibility",

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -27,7 +28,13 @@ from gemnet import (
     repair,
     save_certificate,
 )
-from gemnet.milp import CellProblem, discrete_revenue_milp, solve_cell, tighten_prices
+from gemnet.milp import (
+    CellProblem,
+    discrete_revenue_milp,
+    pairwise_gap,
+    solve_cell,
+    tighten_prices,
+)
 from gemnet.verify import verify_certificate
 
 FAST = RepairConfig(max_level=3, workers=1, progress=False)
@@ -204,6 +211,67 @@ def test_cell_milp_prices_a_bad_element_out():
     assert sol.floor_slack == math.inf
 
 
+def test_pairwise_gap_bounds_the_utility_difference_and_is_attained_at_a_corner():
+    rng = np.random.default_rng(3)
+    batch, k1, m, t = 64, 6, 3, 4
+    v_lo = rng.uniform(-0.01, 0.8, size=(batch, m))
+    v_hi = v_lo + rng.uniform(0.0, 0.2, size=(batch, m))
+    alloc = rng.uniform(size=(batch, k1, m)) * (rng.uniform(size=(batch, k1, 1)) < 0.8)
+    price = rng.uniform(0.0, 1.0, size=(batch, k1))
+    dom = rng.integers(0, k1, size=(batch, t))
+    # exact menus: the bound is the maximum over the box, attained at one of its corners
+    gap = pairwise_gap(v_lo, v_hi, alloc, alloc, price, price, dom)
+    corners = np.array(list(itertools.product([0, 1], repeat=m)))
+    v = np.where(corners[None], v_hi[:, None], v_lo[:, None])  # [batch, corners, m]
+    u = np.einsum("bcm,bkm->bck", v, alloc) - price[:, None]  # [batch, corners, K + 1]
+    u_dom = np.take_along_axis(u, np.broadcast_to(dom[:, None], (batch, len(corners), t)), 2)
+    exact = np.max(u[..., :, None] - u_dom[..., None, :], axis=1)
+    np.testing.assert_allclose(gap, exact, atol=1e-12)
+    # interval menus: every menu inside the bounds, anywhere in the box, stays below the bound
+    lo_a, top_a = alloc * 0.9, np.minimum(alloc * 1.1, 1.0)
+    lo_p, hi_p = price - 0.01, price + 0.01
+    gap = pairwise_gap(v_lo, v_hi, lo_a, top_a, lo_p, hi_p, dom)
+    for _ in range(20):
+        vv = rng.uniform(v_lo, v_hi)
+        a = rng.uniform(lo_a, top_a)
+        p = rng.uniform(lo_p, hi_p)
+        uu = np.einsum("bm,bkm->bk", vv, a) - p
+        diff = uu[:, :, None] - np.take_along_axis(uu, dom, 1)[:, None, :]
+        assert np.all(diff <= gap + 1e-12)
+    # and it is never looser than the two utilities' own interval bounds
+    vh, vl = v_hi[:, None], v_lo[:, None]
+    u_hi = np.sum(np.maximum(vh * top_a, vh * lo_a), -1) - lo_p
+    u_lo = np.sum(np.minimum(vl * top_a, vl * lo_a), -1) - hi_p
+    assert np.all(gap <= u_hi[:, :, None] - np.take_along_axis(u_lo, dom, 1)[:, None, :] + 1e-12)
+
+
+def test_cell_milp_excludes_by_the_pairwise_gap_when_the_menu_is_given():
+    # One item of a box v in [0.5, 0.6]: element 0 sells it at 0.10 (bad), element 1 at 0.12.
+    # Their utilities differ by exactly 0.02 everywhere, so a rise of 0.02 + eps excludes
+    # element 0; the utilities' interval bounds alone ask for 0.6 - 0.1 - (0.5 - 0.12) = 0.12.
+    eps = 1e-4
+    menu = (np.array([[1.0], [1.0], [0.0]]),) * 2 + (np.array([0.10, 0.12, 0.0]),) * 2
+    v_lo, v_hi = np.array([[0.5]]), np.array([[0.6]])
+    u_hi = v_hi[:, :1] * menu[0][:, 0] - menu[2]
+    u_lo = v_lo[:, :1] * menu[0][:, 0] - menu[2]
+    common = dict(
+        cell=0,
+        u_hi=u_hi,
+        u_lo=u_lo,
+        bad=np.array([[True, False, False]]),
+        eps=eps,
+        floor_slacks=(0.05, math.inf),
+        dominators=2,
+        time_limit_s=10.0,
+    )
+    interval = solve_cell(CellProblem(**common))
+    pairwise = solve_cell(CellProblem(**common, menu=menu, v_lo=v_lo, v_hi=v_hi))
+    assert interval.offsets is not None and pairwise.offsets is not None
+    assert interval.offsets[0] == pytest.approx(0.12 + eps, abs=1e-6)
+    assert pairwise.offsets[0] == pytest.approx(0.02 + eps, abs=1e-6)
+    assert pairwise.offsets[1] == 0.0 and pairwise.floor_slack == 0.05
+
+
 def test_cell_milp_without_bad_elements_changes_nothing():
     problem = CellProblem(
         cell=0,
@@ -364,3 +432,15 @@ def test_repair_breakdown_accounts_for_the_whole_revenue_change(repaired_2x2):
     assert total == pytest.approx(change, abs=1e-5)
     assert 0.0 <= parts["share_switched_to_null"].value <= parts["share_switched"].value <= 1.0
     assert parts["offset_on_chosen"].value >= 0.0
+
+
+def test_repair_with_the_pairwise_test_is_certified_and_never_over_allocates(tiny_2x2):
+    setting, model = tiny_2x2
+    config = RepairConfig(max_level=3, workers=1, progress=False, pairwise=4)
+    repaired, cert = repair(model, setting, config)
+    assert cert.stats["pairwise"] == 4
+    report = verify_certificate(model, setting, cert)
+    assert report.ok, report.failures
+    bids = setting.sample(jax.random.key(5), (50_000,))
+    alloc = repaired(bids).alloc
+    assert float(jnp.max(jnp.sum(alloc, axis=-2))) <= 1.0 + 1e-6

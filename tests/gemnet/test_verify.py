@@ -10,9 +10,10 @@ from flax import nnx
 
 from diffecon import get_setting
 from gemnet.certificate import Certificate, load_certificate, params_digest, save_certificate
-from gemnet.model import GemNet, GemNetConfig
+from gemnet.model import GemNet, GemNetConfig, choose
 from gemnet.verify import (
     _boxes_outside,
+    _Compatibility,
     _MenuBounds,
     _OffsetTable,
     _tiling_failures,
@@ -672,3 +673,37 @@ def test_quantized_certificate_roundtrips_its_flag(tmp_path, repaired_2x2):
     setting, model, _, cert = repaired_2x2
     loaded = load_certificate(save_certificate(cert, tmp_path / "cert"))
     assert loaded.quantized and verify_certificate(model, setting, loaded).ok
+
+
+def test_pairwise_candidates_hold_every_sampled_choice_and_are_fewer(tiny_2x2):
+    """The pairwise test drops elements, never one that a profile in the box picks."""
+    setting, model = tiny_2x2
+    level, n, m = 2, setting.n_bidders, setting.n_items
+    cert = _certificate(model, setting, level=level, single_cells=True, quantized=True)
+    comp = _Compatibility(
+        model,
+        setting,
+        cert,
+        utility_tolerance=1e-5,
+        alloc_tolerance=1e-6,
+        box_inflation=1e-4,
+        bound_splits=1,
+    )
+    lo, size = np.asarray(cert.box_lo), np.asarray(cert.box_size)
+    rng = np.random.default_rng(0)
+    values = (lo[None] + rng.uniform(size=(64, *lo.shape))) / 2**level  # [samples, boxes, D]
+    centres = np.broadcast_to((lo + 0.5) / 2**level, values.shape)
+    menus = model.menus(jnp.asarray(centres.reshape(-1, n, m), jnp.float32))
+    picked = np.asarray(choose(menus, jnp.asarray(values.reshape(-1, n, m), jnp.float32)).index)
+    picked = picked.reshape(64, len(lo), n)
+    fewer = 0
+    for i in range(n):
+        own = list(range(i * m, (i + 1) * m))
+        v_lo, v_hi = comp.extent(lo[:, own], size[:, own], own)
+        interval = comp.usage(i, lo, size, v_lo, v_hi)
+        pairwise = comp.usage(i, lo, size, v_lo, v_hi, pairwise=True)
+        assert np.all(interval.cand | ~pairwise.cand) and np.all(interval.use >= pairwise.use)
+        cand = np.concatenate([pairwise.cand, pairwise.cand_null[:, None]], 1)
+        assert np.all(np.take_along_axis(cand, picked[:, :, i].T, 1))
+        fewer += int(interval.cand.sum() - pairwise.cand.sum())
+    assert fewer > 0
