@@ -403,10 +403,17 @@ def _utility_bounds(model: GemNet, rlo, rhi, alloc_tol: float, splits: int):
     return _utilities_from_menus(rlo, rhi, *menu, alloc_tol)
 
 
+def _alloc_top(a_hi, alloc_tol: float, xp: Any):
+    """Allocation upper bounds ``[..., K + 1, m]`` plus the float32 slack, capped at 1; an exact 0
+    (a clipped head) and the null element (last) stay 0."""
+    top = xp.where(a_hi > 0.0, xp.minimum(a_hi + alloc_tol, 1.0), 0.0)
+    learned = xp.arange(a_hi.shape[-2]) < a_hi.shape[-2] - 1
+    return xp.where(learned[:, None], top, 0.0)
+
+
 def _utilities_from_menus(rlo, rhi, a_lo, a_hi, p_lo, p_hi, alloc_tol: float):
     """:func:`_utility_bounds` given the menu bounds ``[B, n, K + 1, (m)]`` over each box."""
-    a_top = jnp.where(a_hi > 0.0, jnp.minimum(a_hi + alloc_tol, 1.0), 0.0)
-    a_top = a_top.at[..., -1, :].set(0.0)
+    a_top = _alloc_top(a_hi, alloc_tol, jnp)
     # (inflated boxes can reach below a support starting at 0: take the right corner)
     v_hi, v_lo = rhi[..., None, :], rlo[..., None, :]
     u_hi = jnp.sum(jnp.maximum(v_hi * a_top, v_hi * a_lo), -1) - p_lo
@@ -1393,8 +1400,7 @@ def _cell_problem(
         m_lo, m_hi, p_lo, p_hi = (
             x[0, i].astype(np.float64) for x in checker.cell_menus.envelope(lo[:1], size[:1])
         )
-        a_top = np.where(m_hi > 0.0, np.minimum(m_hi + config.alloc_tolerance, 1.0), 0.0)
-        a_top[-1] = 0.0
+        a_top = _alloc_top(m_hi, config.alloc_tolerance, np)
         rlo, rhi = checker.grid.bounds(lo, size, config.box_inflation)
         shape = (len(lo), checker.n, checker.m)
         rel.update(
