@@ -306,7 +306,7 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
                             max_level=config.max_level,
                             pairwise=config.pairwise,
                             workers=config.workers,
-                            progress=False,
+                            progress=not config.quick,
                             time_limit_s=120.0,
                         ),
                     )

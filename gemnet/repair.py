@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, PRNGKeyArray
+from tqdm.auto import tqdm
 
 from diffecon.distributions import Discrete, IndependentValues
 from diffecon.evaluation import Estimate
@@ -123,7 +124,7 @@ class RepairConfig:
       chunk: boxes per bound-propagation batch.
       max_boxes: give up (RepairError) beyond this many boxes at once.
       max_rounds: give up after this many MILP rounds per stage.
-      progress: print a line per round.
+      progress: print a line per round and a bar over its cell MILPs.
       discrete_revenue: when every coordinate is discrete (finitely many profiles), first try one
         MILP over all bidders' rises that maximises the expected revenue subject to compatibility
         at every profile (:func:`gemnet.milp.discrete_revenue_milp`); the staged repair is the
@@ -1166,6 +1167,12 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
         # against the offsets as they were at the start of the round.
         bidders: list[int] = []
         solutions: list[CellSolution] = []
+        bar = tqdm(
+            total=len(jobs),
+            desc=f"[repair] stage {r} round {round_} cell MILPs",
+            disable=not config.progress,
+            leave=False,
+        )
         for s in range(0, len(jobs), MILP_BATCH):
             problems = [
                 _cell_problem(
@@ -1186,6 +1193,8 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
             solutions.extend(_solve_all(problems, workers))
             stats["milp_wall_s"] += time.perf_counter() - t_milp
             bidders.extend(job[0] for job in jobs[s : s + MILP_BATCH])
+            bar.update(len(problems))
+        bar.close()
         stats["milps"] += len(jobs)
         stats["rounds"] += 1
         for i, sol in zip(bidders, solutions, strict=True):

@@ -444,3 +444,14 @@ def test_repair_with_the_pairwise_test_is_certified_and_never_over_allocates(tin
     bids = setting.sample(jax.random.key(5), (50_000,))
     alloc = repaired(bids).alloc
     assert float(jnp.max(jnp.sum(alloc, axis=-2))) <= 1.0 + 1e-6
+
+
+def test_progress_reports_rounds_and_milps_and_changes_nothing(repaired_2x2, capsys):
+    setting, model, _, cert = repaired_2x2
+    _, loud = repair(model, setting, RepairConfig(max_level=3, workers=1, progress=True))
+    out = capsys.readouterr()
+    assert "[repair] stage 1 round 0" in out.out
+    assert "cell MILPs" in out.err  # the tqdm bar over each round's cell problems
+    assert loud.stats["milps"] == cert.stats["milps"]
+    for a, b in zip(loud.offset_values, cert.offset_values, strict=True):
+        np.testing.assert_array_equal(a, b)
