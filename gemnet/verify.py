@@ -1259,6 +1259,18 @@ class _Compatibility:
             beaten |= most < -self.utility_tolerance
         return beaten
 
+    def _fill_use(self, use, box_lo, box_size, orders, chunk: int, *, pairwise: bool = False):
+        """``use[i, rows]``: bidder ``i``'s per-item use on the boxes ``orders[i]``, a chunk at a
+        time in that order (``pairwise``: with the pairwise test, :meth:`usage`)."""
+        m = self.m
+        for i, order in enumerate(orders):
+            own = list(range(i * m, (i + 1) * m))
+            for s in range(0, len(order), chunk):
+                rows = order[s : s + chunk]
+                lo, size = box_lo[rows], box_size[rows]
+                v_lo, v_hi = self.extent(lo[:, own], size[:, own], own)
+                use[i, rows] = self.usage(i, lo, size, v_lo, v_hi, pairwise=pairwise).use
+
     def run(self, box_lo: np.ndarray, box_size: np.ndarray, chunk: int, fail: _Failures) -> int:
         """Check every box; returns the number of uncertified boxes.
 
@@ -1269,29 +1281,20 @@ class _Compatibility:
         n, m = self.n, self.m
         n_box = len(box_lo)
         use = np.zeros((n, n_box, m))
+        orders = []
         for i in range(n):
-            dims, own = self.others[i], list(range(i * m, (i + 1) * m))
+            dims = self.others[i]
             if dims:
                 cols = np.concatenate([box_lo[:, dims], box_size[:, dims]], axis=1)
-                order = np.lexsort(cols.T[::-1])
+                orders.append(np.lexsort(cols.T[::-1]))
             else:
-                order = np.arange(n_box)
-            for s in range(0, n_box, chunk):
-                rows = order[s : s + chunk]
-                lo, size = box_lo[rows], box_size[rows]
-                v_lo, v_hi = self.extent(lo[:, own], size[:, own], own)
-                use[i, rows] = self.usage(i, lo, size, v_lo, v_hi).use
+                orders.append(np.arange(n_box))
+        self._fill_use(use, box_lo, box_size, orders, chunk)
         total = use.sum(axis=0)  # [boxes, m]
         bad = np.flatnonzero(np.any(total > 1.0, axis=1))
         # The pairwise test only shrinks candidate sets: run it where the interval test fails.
         if len(bad) and self.quantized:
-            for i in range(n):
-                own = list(range(i * m, (i + 1) * m))
-                for s in range(0, len(bad), chunk):
-                    rows = bad[s : s + chunk]
-                    lo, size = box_lo[rows], box_size[rows]
-                    v_lo, v_hi = self.extent(lo[:, own], size[:, own], own)
-                    use[i, rows] = self.usage(i, lo, size, v_lo, v_hi, pairwise=True).use
+            self._fill_use(use, box_lo, box_size, [bad] * n, chunk, pairwise=True)
             total = use.sum(axis=0)
             bad = np.flatnonzero(np.any(total > 1.0, axis=1))
         # (witnesses bound the network between cells: they say nothing about quantized menus)
