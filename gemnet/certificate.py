@@ -24,7 +24,8 @@ discrete ones.
 With ``quantized`` the mechanism evaluates bidder ``i``'s network at the representative of the
 cell of ``b_-i`` (``float32((cell_lo + cell_hi) / 2)`` for a continuous coordinate, the point of a
 discrete one), so its menus over a box are the finitely many menus of the box's cells, and the
-bounds below are their lower and upper envelopes.
+bounds below are their lower and upper envelopes, each cell's prices taken with that cell's
+offsets (a box may then cover cells with different offsets).
 
 On disk the boxes are sorted (lexicographically by ``box_lo``) and, when every size is a power of
 two, stored as row differences of ``box_lo`` in the smallest integer type and ``log2(box_size)``

@@ -22,10 +22,13 @@ get non-negative offsets that are constant on each cell of the ``b_-r`` grid, so
 the others' bids only and strategy-proofness is kept. The offsets of one cell are the solution of a
 MILP (:mod:`gemnet.milp`) over that cell's uncertified boxes; cells are independent, so their
 MILPs run in a process pool. Raising prices can enlarge other boxes' candidate sets, so every box
-whose ``b_-r`` projection meets a changed cell is checked again (refined so that its projection
-is one cell), and new failures join their cell's MILP in the next round. The result is the trained
-network plus a lookup table of offsets (:class:`RepairedGemNet`) and a :class:`Certificate` that
-:func:`gemnet.verify_certificate` re-checks independently.
+whose ``b_-r`` projection meets a changed cell is checked again, and new failures join their
+cell's MILP in the next round. Quantized menus are bounded with every cell's offsets added to its
+prices before the envelope over the box's cells is taken, so a box is split only where it fails;
+without quantization a box whose projection meets an offset cell is first refined until its
+projection is one cell (interval bounds of the network do not know the offsets). The result is
+the trained network plus a lookup table of offsets (:class:`RepairedGemNet`) and a
+:class:`Certificate` that :func:`gemnet.verify_certificate` re-checks independently.
 
 Soundness is in real arithmetic up to explicit tolerances for float32 rounding (a utility slack in
 candidate sets, a slack on allocation bounds, boxes widened slightly); a solver time limit or an
@@ -308,6 +311,7 @@ class _Offsets:
             )
         self.strides = grid.strides(bidder)
         self.table: dict[int, np.ndarray] = {}
+        self.version = 0  # bumped on every change (quantized menus cache prices with offsets)
         self._count: np.ndarray | None = None
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -319,8 +323,23 @@ class _Offsets:
             self.table[key] = values
         else:
             self.table.pop(key, None)
+        self._changed()
+
+    def restore(self, table: dict[int, np.ndarray]) -> None:
+        self.table = dict(table)
+        self._changed()
+
+    def _changed(self) -> None:
+        self.version += 1
         self._count = None
         self._arrays = None
+
+    def dense(self) -> np.ndarray:
+        """``[*cells of b_-i, K + 1]`` every cell's offsets (0 where the table has none)."""
+        out = np.zeros((math.prod(self.shape), self.k1))
+        keys, values = self._sorted()
+        out[keys] = values
+        return out.reshape(*self.shape, self.k1)
 
     def _prefix(self, keys: list[int]) -> np.ndarray:
         mark = np.zeros(self.shape, np.int32).ravel()
@@ -575,15 +594,22 @@ class _CellMenus:
     """Quantized menus: each bidder's menu at the representative of every cell of ``b_-i``
     (interval bounds at that point, so that exact zeros of a clipped head are recognised as in
     :func:`gemnet.menu_bounds`), and their exact lower/upper envelope over the aligned dyadic
-    blocks of cells that the partition's boxes project to (cached per block shape)."""
+    blocks of cells that the partition's boxes project to (cached per block shape).
 
-    def __init__(self, model: GemNet, grid: _Grid, chunk: int = 16384):
+    With ``priced`` envelopes the prices are those of the repaired mechanism: each cell's menu
+    prices plus that cell's offsets, before the envelope is taken. A box whose projection covers
+    cells with different offsets is then bounded as tightly as the menus allow, so boxes need not
+    be split down to single cells of ``b_-i`` around offset cells."""
+
+    def __init__(self, model: GemNet, grid: _Grid, offsets: list[_Offsets], chunk: int = 16384):
         self.grid = grid
+        self.offsets = offsets
         n, m = grid.n, grid.m
         reps = grid.representatives()
         point = jax.jit(lambda x: menu_bounds(model, x, x))
         self.tables: list[tuple[np.ndarray, ...]] = []
-        self.cache: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, ...]] = {}
+        self.cache: dict[tuple[int, tuple[int, ...], bool], tuple[np.ndarray, ...]] = {}
+        self._priced: list[tuple[int, tuple[np.ndarray, np.ndarray]] | None] = [None] * n
         for i in range(n):
             dims = grid.others(i)
             shape = tuple(int(c) for c in grid.cells[dims])
@@ -606,11 +632,33 @@ class _CellMenus:
                 )
             )
 
-    def _blocks(self, bidder: int, block: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-        key = (bidder, block)
+    def _tables(self, bidder: int, priced: bool) -> tuple[np.ndarray, ...]:
+        """``(a_lo, a_hi, p_lo, p_hi)`` per cell; ``priced``: prices plus the current offsets,
+        rounded outwards to float32 (rebuilt, and the bidder's cached blocks dropped, whenever
+        the offsets changed)."""
+        a_lo, a_hi, p_lo, p_hi = self.tables[bidder]
+        if not priced:
+            return a_lo, a_hi, p_lo, p_hi
+        off = self.offsets[bidder]
+        held = self._priced[bidder]
+        if held is None or held[0] != off.version:
+            dense = off.dense()
+            prices = (
+                np.nextafter((p_lo + dense).astype(np.float32), np.float32(-np.inf)),
+                np.nextafter((p_hi + dense).astype(np.float32), np.float32(np.inf)),
+            )
+            held = (off.version, prices)
+            self._priced[bidder] = held
+            for key in [k for k in self.cache if k[0] == bidder and k[2]]:
+                del self.cache[key]
+        return a_lo, a_hi, *held[1]
+
+    def _blocks(self, bidder: int, block: tuple[int, ...], priced: bool) -> tuple[np.ndarray, ...]:
+        tables = self._tables(bidder, priced)  # (first: it may drop stale blocks)
+        key = (bidder, block, priced)
         if key not in self.cache:
             out = []
-            for which, table in enumerate(self.tables[bidder]):
+            for which, table in enumerate(tables):
                 shape, d = table.shape, len(block)
                 split = [x for c, b in zip(shape[:d], block, strict=True) for x in (c // b, b)]
                 t = table.reshape(*split, *shape[d:])
@@ -619,8 +667,9 @@ class _CellMenus:
             self.cache[key] = tuple(out)
         return self.cache[key]
 
-    def envelope(self, lo: np.ndarray, size: np.ndarray) -> list[np.ndarray]:
-        """``[a_lo, a_hi [B, n, K + 1, m], p_lo, p_hi [B, n, K + 1]]`` over boxes ``lo/size``."""
+    def envelope(self, lo: np.ndarray, size: np.ndarray, *, priced: bool = False):
+        """``[a_lo, a_hi [B, n, K + 1, m], p_lo, p_hi [B, n, K + 1]]`` over boxes ``lo/size``
+        (``priced``: the prices include the offsets)."""
         out = None
         for i in range(self.grid.n):
             dims = self.grid.others(i)
@@ -638,7 +687,7 @@ class _CellMenus:
                 rows = np.flatnonzero(inverse == g)
                 pos = tuple((corner[rows] // block).T)
                 for dst, src in zip(
-                    out, self._blocks(i, tuple(int(b) for b in block)), strict=True
+                    out, self._blocks(i, tuple(int(b) for b in block), priced), strict=True
                 ):
                     dst[rows, i] = src[pos]
         assert out is not None
@@ -653,7 +702,9 @@ class _Checker:
         self.scale = scale
         tols = (config.utility_tolerance * scale, config.alloc_tolerance)
         # (one bidder: the menu is a constant, nothing to quantize)
-        self.cell_menus = _CellMenus(model, grid) if config.quantize and self.n > 1 else None
+        self.cell_menus = (
+            _CellMenus(model, grid, offsets) if config.quantize and self.n > 1 else None
+        )
         if self.cell_menus is not None:  # exact envelopes of cell menus: no bound splits
             self.fn = _quantized_bound_fn(*tols, config.pairwise)
             self.fast = None
@@ -717,7 +768,8 @@ class _Checker:
         return np.concatenate(index), np.concatenate(ts)
 
     def deltas(self, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
-        """Exact offsets per box and bidder (boxes are resolved: one cell or no offset cell)."""
+        """Exact offsets per box and bidder (boxes are resolved: one cell or no offset cell;
+        quantized menus resolve only the finest boxes whose details are asked for)."""
         out = np.zeros((len(lo), self.n, self.k1))
         for i, off in enumerate(self.offsets):
             if not off.table:
@@ -750,10 +802,13 @@ class _Checker:
             l_, z_ = lo[s : s + chunk], size[s : s + chunk]
             rows = len(l_)
             rlo, rhi = self.grid.bounds(l_, z_, self.config.box_inflation)
-            delta = self.deltas(l_, z_)
+            # Quantized menus carry their offsets in the envelope (any box); otherwise, and for
+            # the details of finest boxes (utilities before offsets), offsets are exact per box.
+            priced = self.cell_menus is not None and not details
+            delta = np.zeros((rows, self.n, self.k1)) if priced else self.deltas(l_, z_)
             arrays = [rlo.reshape(rows, self.n, self.m), rhi.reshape(rows, self.n, self.m), delta]
             if self.cell_menus is not None:
-                arrays += self.cell_menus.envelope(l_, z_)
+                arrays += self.cell_menus.envelope(l_, z_, priced=priced)
             if details or self.fast is None:
                 out = self._call(self.fn, arrays, active, details)
             else:
@@ -1116,9 +1171,14 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
     owners: dict[tuple[int, ...], int] = {}
     certified: list[tuple[np.ndarray, np.ndarray]] = []
     pending = (lo, size)
+
+    def resolve(lo, size):
+        # quantized menus bound offsets with the prices, over any box (_CellMenus)
+        return (lo, size) if checker.cell_menus is not None else _resolve(lo, size, offsets)
+
     for round_ in range(config.max_rounds + 1):
         failed_lo = [pending[0][:0]]
-        p_lo, p_size = _resolve(*pending, offsets)
+        p_lo, p_size = resolve(*pending)
         while len(p_lo):
             if len(p_lo) > config.max_boxes:
                 raise RepairError(
@@ -1134,7 +1194,7 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
             f_lo, f_size = p_lo[~ok], p_size[~ok]
             finest = np.all(f_size == 1, axis=1)
             failed_lo.append(f_lo[finest])
-            p_lo, p_size = _resolve(*_split(f_lo[~finest], f_size[~finest]), offsets)
+            p_lo, p_size = resolve(*_split(f_lo[~finest], f_size[~finest]))
         f_lo = np.concatenate(failed_lo)
         if config.progress:
             n_cert = sum(len(c[0]) for c in certified)
@@ -1365,9 +1425,7 @@ def _discrete_revenue_repair(model, setting, grid, offsets, checker, config, sca
     if np.all(ok):
         return True
     for off, table in zip(offsets, saved, strict=True):  # fall back to the staged repair
-        off.table = table
-        off._count = None
-        off._arrays = None
+        off.restore(table)
     stats["discrete_revenue_milp"]["certified"] = False
     return False
 

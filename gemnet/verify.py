@@ -1124,30 +1124,42 @@ class _Compatibility:
             uniq, inverse = np.unique(proj, axis=0, return_inverse=True)
             inverse = inverse.reshape(-1)
             p_lo, p_size = uniq[:, : len(dims)], uniq[:, len(dims) :]
+        o_lo, o_hi = self.tables[bidder].ranges(p_lo, p_size)
         if self.quantized and dims:
+            # each cell's prices carry that cell's offsets before the envelope over the cells
             a_lo, a_hi, pr_lo, pr_hi = self._cell_envelope(bidder, p_lo, p_size)
+            k = a_lo.shape[1]
+            o_lo[:, :k] = 0.0
+            o_hi[:, :k] = 0.0
         else:
             x_lo, x_hi = self.extent(p_lo, p_size, dims)
             a_lo, a_hi, pr_lo, pr_hi = self.net.split_bounds(bidder, x_lo, x_hi, self.bound_splits)
-        o_lo, o_hi = self.tables[bidder].ranges(p_lo, p_size)
         return inverse, a_lo, a_hi, pr_lo, pr_hi, o_lo, o_hi
 
     def _point_menus(self, bidder: int) -> tuple[np.ndarray, ...]:
         """Bounds of ``bidder``'s menu at the representative of every cell of ``b_-i`` (rows in
-        row-major cell order), each a degenerate box."""
+        row-major cell order), each a degenerate box, with the cell's offsets added to the
+        prices of the learned elements."""
         if bidder not in self._points:
             dims = self.others[bidder]
+            n_cells = math.prod(self.cells[d] for d in dims)
             idx = np.indices([self.cells[d] for d in dims]).reshape(len(dims), -1).T
             x = np.stack([self.reps[d][idx[:, t]] for t, d in enumerate(dims)], axis=1)
             got = [
                 self.net.bounds(bidder, x[s : s + 8192], x[s : s + 8192])
                 for s in range(0, len(x), 8192)
             ]
-            self._points[bidder] = tuple(np.concatenate(c) for c in zip(*got, strict=True))
+            a_lo, a_hi, pr_lo, pr_hi = (np.concatenate(c) for c in zip(*got, strict=True))
+            table = self.tables[bidder]
+            offsets = np.zeros((n_cells, table.values.shape[1]))
+            offsets[table.keys] = table.values  # keys are row-major cell indices
+            k = pr_lo.shape[1]
+            self._points[bidder] = (a_lo, a_hi, pr_lo + offsets[:, :k], pr_hi + offsets[:, :k])
         return self._points[bidder]
 
     def _cell_envelope(self, bidder: int, p_lo: np.ndarray, p_size: np.ndarray):
-        """Lower/upper envelopes of the quantized menus over the cells of each projection."""
+        """Lower/upper envelopes of the quantized menus (prices with offsets) over the cells of
+        each projection."""
         a_lo, a_hi, pr_lo, pr_hi = self._point_menus(bidder)
         dims = self.others[bidder]
         strides = _row_major_strides([self.cells[d] for d in dims])
