@@ -97,8 +97,9 @@ class RepairConfig:
       quantize: the repaired mechanism computes each bidder's menu at the centre of the
         ``max_level`` cell of ``b_-i`` (piecewise constant in the others' bids: still
         strategy-proof). Menus over a box are then a finite set whose envelope is exact (no
-        interval propagation through the network), and on the finest boxes both bidders' menus
-        are fixed, so what fails there is a real conflict of the quantized mechanism.
+        interval propagation through the network; prices with each cell's offsets, so boxes
+        are not refined around offset cells), and on the finest boxes both bidders' menus are
+        fixed, so what fails there is a real conflict of the quantized mechanism.
       utility_tolerance: candidate-set slack, a fraction of the price scale (float32 rounding).
       alloc_tolerance: added to allocation upper bounds.
       box_inflation: boxes are widened by this fraction of a cell per side.
@@ -1308,8 +1309,14 @@ def _assign(f_lo, r, active, checker) -> np.ndarray:
     A bidder's cost is the largest utility margin by which one of its conflicting candidates
     must fall to lose to its best non-conflicting element (the null element's 0 at least): the
     price rise the box asks of it. When one bidder would have to be priced out of everything
-    while the other need only switch between elements, the second is far cheaper.
+    while the other need only switch between elements, the second is far cheaper. Boxes are
+    taken ``checker.config.chunk`` at a time (their utilities would not fit in memory at once).
     """
+    chunk = checker.config.chunk
+    if len(f_lo) > chunk:
+        return np.concatenate(
+            [_assign(f_lo[s : s + chunk], r, active, checker) for s in range(0, len(f_lo), chunk)]
+        )
     size = np.ones_like(f_lo)
     _, usage, u_hi0, u_lo0, a_hi = checker.run(f_lo, size, active, details=True)
     delta = checker.deltas(f_lo, size)

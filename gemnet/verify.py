@@ -1128,9 +1128,8 @@ class _Compatibility:
         if self.quantized and dims:
             # each cell's prices carry that cell's offsets before the envelope over the cells
             a_lo, a_hi, pr_lo, pr_hi = self._cell_envelope(bidder, p_lo, p_size)
-            k = a_lo.shape[1]
-            o_lo[:, :k] = 0.0
-            o_hi[:, :k] = 0.0
+            o_lo[:, : self.k] = 0.0
+            o_hi[:, : self.k] = 0.0
         else:
             x_lo, x_hi = self.extent(p_lo, p_size, dims)
             a_lo, a_hi, pr_lo, pr_hi = self.net.split_bounds(bidder, x_lo, x_hi, self.bound_splits)
