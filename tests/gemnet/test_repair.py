@@ -481,6 +481,8 @@ def test_quantized_boxes_may_span_cells_with_different_offsets(repaired_2x2):
         [cert.cell_hi[d][lo[spanning, d] + size[spanning, d] - 1] for d in range(lo.shape[1])]
     ).T
     u = jax.random.uniform(jax.random.key(3), (64, len(rlo), lo.shape[1]))
-    bids = jnp.asarray(rlo + (rhi - rlo) * np.asarray(u), jnp.float32).reshape(-1, 2, 2)
+    bids = jnp.asarray(rlo + (rhi - rlo) * np.asarray(u), jnp.float32).reshape(
+        -1, cert.n_bidders, cert.n_items
+    )
     alloc = repaired(bids).alloc
     assert float(jnp.max(jnp.sum(alloc, axis=-2))) <= 1.0 + 1e-6
