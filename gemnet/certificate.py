@@ -96,6 +96,8 @@ class Certificate:
       quantized: the mechanism computes each bidder's menu at the representative of the cell of
         ``b_-i`` (centre of a continuous cell, the point of a discrete one) instead of at
         ``b_-i`` itself; menus over a box are then bounded by their values at the box's cells.
+      activation: the network's hidden nonlinearity (``GemNetConfig.activation``); the verifier
+        refuses a model with another one.
       witness_index: ``[W, 5]`` int64 rows ``(box, k0, k1, l0, l1)`` of relational certificates.
       witness_t: ``[W]`` the multipliers ``t >= 0`` of those rows.
       stats: how the certificate was built (boxes, MILPs, time...), informational only.
@@ -118,6 +120,7 @@ class Certificate:
     box_inflation: float
     bound_splits: int = 1
     quantized: bool = False
+    activation: str = "tanh"
     witness_index: np.ndarray = dataclasses.field(
         default_factory=lambda: np.zeros((0, 5), np.int64)
     )
@@ -185,6 +188,7 @@ def save_certificate(certificate: Certificate, directory: str | Path) -> Path:
         "box_inflation": c.box_inflation,
         "bound_splits": c.bound_splits,
         "quantized": c.quantized,
+        "activation": c.activation,
         "stats": c.stats,
     }
     tmp_npz = directory / "certificate.npz.tmp"
@@ -274,6 +278,7 @@ def load_certificate(directory: str | Path) -> Certificate:
             box_inflation=float(meta["box_inflation"]),
             bound_splits=int(meta.get("bound_splits", 1)),
             quantized=bool(meta.get("quantized", False)),
+            activation=str(meta.get("activation", "tanh")),
             witness_index=arrays.get("witness_index", np.zeros((0, 5), np.int64)),
             witness_t=arrays.get("witness_t", np.zeros((0,), np.float64)),
             stats=dict(meta.get("stats", {})),

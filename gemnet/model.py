@@ -69,6 +69,11 @@ class GemNetConfig:
         (item-wise Myerson at ``r = 1/2`` on U[0, 1], up to ``eps``), and two bidders never both
         buy an item through them, ties included: only the learned elements can conflict. The
         repair does not support these menus.
+      activation: hidden-layer nonlinearity, ``"tanh"`` or ``"relu"``. A ReLU network is
+        piecewise linear in ``b_-i``, like the prices of an affine maximiser (a difference of
+        maxima of affine functions of the others' bids), whose choice boundaries for two bidders
+        coincide; on ``additive_2x2_uniform`` it trains to a higher revenue than tanh at the same
+        size and steps (see the README's GemNet section).
     """
 
     menu_size: int = 128
@@ -77,6 +82,19 @@ class GemNetConfig:
     init_logit_scale: float = 2.0
     alloc_clip: float = 0.0
     item_prices: bool = False
+    activation: str = "tanh"
+
+
+ACTIVATIONS = ("tanh", "relu")
+
+
+def hidden_activation(name: str):
+    """The hidden-layer nonlinearity called ``name`` (one of :data:`ACTIVATIONS`)."""
+    if name == "tanh":
+        return jnp.tanh
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
 MAX_ITEM_PRICE_ITEMS = 12  # 2^12 - 1 bundle elements at most
@@ -161,6 +179,8 @@ class GemNet(nnx.Module):
         self.n_bidders, self.n_items, self.valuation = n_bidders, n_items, valuation
         self.menu_size = config.menu_size
         self.alloc_clip = float(config.alloc_clip)
+        hidden_activation(config.activation)  # validates the name
+        self.activation = str(config.activation)
         if not 0.0 <= self.alloc_clip < 1.0:
             raise ValueError(f"alloc_clip must be in [0, 1), got {config.alloc_clip}")
         n, m, k = n_bidders, n_items, config.menu_size
@@ -277,11 +297,12 @@ class GemNet(nnx.Module):
     ) -> Float[Array, "*batch bidders outputs"]:
         """The stacked networks' outputs on scaled inputs ``[*batch, bidders, in]``."""
         h = x
+        act = hidden_activation(self.activation)
         last = len(self.weights) - 1
         for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             h = jnp.einsum("...ni,nio->...no", h, w[...]) + b[...]
             if layer < last:
-                h = jnp.tanh(h)
+                h = act(h)
         return h
 
     def menus(self, bids: Float[Array, "*batch bidders items"]) -> Menus:
@@ -430,11 +451,12 @@ def menu_bounds(
         lo = hi = jnp.ones((*batch, 1, 1), jnp.float32)
     else:
         lo, hi = (others_lo - shift) * scale, (others_hi - shift) * scale
+    act = hidden_activation(model.activation)  # monotone: bounds map endpoint by endpoint
     last = len(model.weights) - 1
     for layer, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
         lo, hi = _affine_interval(lo, hi, w[...], b[...])
         if layer < last:
-            lo, hi = jnp.tanh(lo), jnp.tanh(hi)
+            lo, hi = act(lo), act(hi)
     logit_lo, price_lo = model._head(lo)
     logit_hi, price_hi = model._head(hi)
     if model.valuation == "unit_demand":
@@ -495,17 +517,24 @@ def _interval_jacobian(model: GemNet, lo, hi):
         jnp.eye(n_in, dtype=lo.dtype) * jnp.asarray(scale)[..., None, :], (*lo.shape, n_in)
     )  # [*batch, n, in (wrt), units]
     jr = jnp.zeros_like(jc)
+    act = hidden_activation(model.activation)
     last = len(model.weights) - 1
     for layer, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
         z_lo, z_hi = _affine_interval(x_lo, x_hi, w[...], b[...])
         jc = jnp.einsum("...nji,nio->...njo", jc, w[...])
         jr = jnp.einsum("...nji,nio->...njo", jr, jnp.abs(w[...]))
         if layer < last:
-            t_near = jnp.tanh(jnp.clip(0.0, z_lo, z_hi))
-            t_far = jnp.maximum(jnp.tanh(z_lo) ** 2, jnp.tanh(z_hi) ** 2)
-            d_hi, d_lo = 1.0 - t_near**2, 1.0 - t_far
+            if model.activation == "relu":
+                # slope 1 above 0, 0 below; [0, 1] (the generalised gradient) where the
+                # pre-activation interval reaches 0, which keeps the mean-value form sound
+                d_hi = (z_hi >= 0.0).astype(z_hi.dtype)
+                d_lo = (z_lo > 0.0).astype(z_lo.dtype)
+            else:
+                t_near = jnp.tanh(jnp.clip(0.0, z_lo, z_hi))
+                t_far = jnp.maximum(jnp.tanh(z_lo) ** 2, jnp.tanh(z_hi) ** 2)
+                d_hi, d_lo = 1.0 - t_near**2, 1.0 - t_far
             jc, jr = _scale_interval(d_lo[..., None, :], d_hi[..., None, :], jc, jr)
-            x_lo, x_hi = jnp.tanh(z_lo), jnp.tanh(z_hi)
+            x_lo, x_hi = act(z_lo), act(z_hi)
         else:
             x_lo, x_hi = z_lo, z_hi
     return x_lo, x_hi, jc, jr

@@ -1154,6 +1154,7 @@ def repair(
         box_inflation=config.box_inflation,
         bound_splits=effective_splits(config.bound_splits, model),
         quantized=checker.cell_menus is not None,
+        activation=model.activation,
         witness_index=witness_index,
         witness_t=witness_t,
         stats=stats,

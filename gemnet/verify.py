@@ -3,9 +3,9 @@
 :func:`verify_certificate` re-derives every claim of a :class:`~gemnet.certificate.Certificate`
 from the network's raw weights and the setting's support, in numpy float64, with code that shares
 nothing with the builder (``gemnet.repair``) or with ``gemnet.model.menu_bounds``: its own interval
-bound propagation through the stacked tanh MLP and the output heads (sigmoid per entry; exact
-per-coordinate bounds of the unit-demand softmax; softplus prices), its own input scaling and price
-scale (recomputed from ``setting.low`` / ``setting.high``), its own tiling check and its own
+bound propagation through the stacked tanh or ReLU MLP and the output heads (sigmoid per entry;
+exact per-coordinate bounds of the unit-demand softmax; softplus prices), its own input scaling and
+price scale (recomputed from ``setting.low`` / ``setting.high``), its own tiling check and its own
 offset look-up. Only :func:`gemnet.certificate.params_digest` is shared (it defines the digest),
 and the guard :func:`gemnet.model.require_learned_menus` that turns away item-price menus.
 
@@ -244,6 +244,7 @@ class _MenuBounds:
         self.unit_demand = setting.valuation == "unit_demand"
         self.width = m + 1 if self.unit_demand else m
         self.alloc_clip = float(getattr(model, "alloc_clip", 0.0))
+        self.relu = getattr(model, "activation", "tanh") == "relu"
         self.weights = [np.asarray(w[...], np.float64) for w in model.weights]
         self.biases = [np.asarray(b[...], np.float64) for b in model.biases]
         self.abs_weights = [np.abs(w) for w in self.weights]
@@ -328,7 +329,9 @@ class _MenuBounds:
             size = np.max(np.abs(centre) + radius, axis=1, keepdims=True)
             slack = (w.shape[0] + 4) * _EPS * (size * self.abs_colsum[layer][bidder] + np.abs(b))
             lo, hi = mid - rad - slack, mid + rad + slack
-            if layer < last:
+            if layer < last and self.relu:  # max(z, 0) is exact in floating point
+                lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+            elif layer < last:
                 lo = np.maximum(np.tanh(lo) - 4 * _EPS, -1.0)
                 hi = np.minimum(np.tanh(hi) + 4 * _EPS, 1.0)
         k, wd, m = self.k, self.width, self.m
@@ -405,7 +408,16 @@ class _MenuBounds:
             z_lo = lo @ wp + hi @ wn + b
             z_hi = hi @ wp + lo @ wn + b
             jl, jh = jl @ wp + jh @ wn, jh @ wp + jl @ wn
-            if layer < last:
+            if layer < last and self.relu:
+                # slope 0 below 0, 1 above, anything in [0, 1] at 0 (the generalised gradient);
+                # the sign test allows for float64 rounding of the pre-activation bounds
+                size = np.maximum(np.abs(lo), np.abs(hi)) @ np.abs(w) + np.abs(b)
+                slack = (w.shape[0] + 4) * _EPS * size
+                s_lo = (z_lo > slack).astype(np.float64)
+                s_hi = (z_hi >= -slack).astype(np.float64)
+                jl, jh = _times_slope(s_lo[:, None], s_hi[:, None], jl, jh)
+                lo, hi = np.maximum(z_lo, 0.0), np.maximum(z_hi, 0.0)
+            elif layer < last:
                 near = np.tanh(np.clip(0.0, z_lo, z_hi))
                 far = np.maximum(np.tanh(z_lo) ** 2, np.tanh(z_hi) ** 2)
                 jl, jh = _times_slope((1.0 - far)[:, None], (1.0 - near**2)[:, None], jl, jh)
@@ -703,6 +715,14 @@ def _check_setting(model: GemNet, setting: Setting, cert: Certificate, fail: _Fa
     if not setting.bounded:
         fail.add("setting", f"setting {setting.name!r} has an unbounded support")
         return False
+    activation = getattr(model, "activation", "tanh")
+    if activation not in ("tanh", "relu") or activation != cert.activation:
+        fail.add(
+            "setting",
+            f"hidden activation: certificate {cert.activation!r}, model {activation!r} "
+            "(tanh or relu)",
+        )
+        ok = False
     if not ok:
         return False
     low = np.asarray(setting.low, np.float64).ravel()

@@ -10,6 +10,7 @@ from gemnet import GemNet, GemNetConfig, choose, menu_bounds, menu_utilities
 from gemnet.model import TIE_MARGIN, menu_jacobians, others_bids
 
 SMALL = GemNetConfig(menu_size=6, hidden=16)
+RELU = GemNetConfig(menu_size=6, hidden=16, alloc_clip=0.1, activation="relu")
 
 
 def _model(name, seed=0, config=SMALL):
@@ -82,6 +83,8 @@ CLIPPED = GemNetConfig(menu_size=6, hidden=16, alloc_clip=0.2, init_logit_scale=
         ("unit_2x2_uniform", SMALL),
         ("unit_1x2_uniform", SMALL),
         ("additive_2x2_uniform", CLIPPED),
+        ("additive_2x2_uniform", RELU),
+        ("unit_2x2_uniform", RELU),
     ],
 )
 def test_interval_bounds_contain_sampled_menus(name, config):
@@ -132,6 +135,19 @@ def test_clipped_allocations_reach_exact_zero_and_one():
         _model("additive_2x2_uniform", config=GemNetConfig(alloc_clip=1.5))
 
 
+def test_relu_menus_are_piecewise_linear_in_the_others_bids():
+    model = _model("additive_2x2_uniform", seed=2, config=RELU)
+    with pytest.raises(ValueError, match="activation"):
+        _model("additive_2x2_uniform", config=GemNetConfig(activation="sigmoid"))
+    # Raw outputs along a segment of b_-i: second differences vanish except at a few kinks.
+    t = jnp.linspace(0.0, 1.0, 2001)[:, None, None]
+    start, end = jnp.array([-1.0, 0.5]), jnp.array([1.0, -0.5])  # crosses every unit's kink
+    x = jnp.broadcast_to(start + t * (end - start), (2001, 2, 2))
+    out = np.asarray(model.raw_outputs(x), np.float64)
+    second = np.abs(out[2:] - 2 * out[1:-1] + out[:-2]).max(axis=(1, 2))
+    assert np.mean(second < 1e-5) > 0.95 and second.max() > 1e-4  # linear pieces, real kinks
+
+
 def _sampled_jacobians(model, bids):
     """``(d_alloc [B, n, K+1, m, in], d_price [B, n, K+1, in])`` of each bidder's menu w.r.t.
     its own input ``b_-i`` (two bidders), by forward-mode autodiff of ``model.menus``."""
@@ -146,10 +162,15 @@ def _sampled_jacobians(model, bids):
     return d_alloc, d_price
 
 
-@pytest.mark.parametrize("clip, splits", [(0.0, 1), (0.1, 1), (0.1, 3)])
-def test_menu_jacobians_enclose_sampled_jacobians(clip, splits):
+@pytest.mark.parametrize(
+    "clip, splits, activation",
+    [(0.0, 1, "tanh"), (0.1, 1, "tanh"), (0.1, 3, "tanh"), (0.1, 1, "relu"), (0.1, 3, "relu")],
+)
+def test_menu_jacobians_enclose_sampled_jacobians(clip, splits, activation):
     setting = get_setting("additive_2x2_uniform")
-    config = GemNetConfig(menu_size=6, hidden=16, alloc_clip=clip, init_logit_scale=4.0)
+    config = GemNetConfig(
+        menu_size=6, hidden=16, alloc_clip=clip, init_logit_scale=4.0, activation=activation
+    )
     model = GemNet.for_setting(setting, config, rngs=nnx.Rngs(5))
     lo = jax.random.uniform(jax.random.key(0), (32, 2, 2)) * 0.8
     hi = lo + jax.random.uniform(jax.random.key(1), (32, 2, 2)) * 0.2

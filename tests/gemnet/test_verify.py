@@ -408,9 +408,11 @@ def test_saturated_allocation_next_to_the_null_element_is_certified(gap):
         "yao_2x2_discrete_37",
     ],
 )
-def test_interval_bounds_contain_sampled_menus_and_are_tight(name):
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_interval_bounds_contain_sampled_menus_and_are_tight(name, activation):
     setting = get_setting(name)
-    model = GemNet.for_setting(setting, GemNetConfig(menu_size=6, hidden=16), rngs=nnx.Rngs(3))
+    config = GemNetConfig(menu_size=6, hidden=16, activation=activation)
+    model = GemNet.for_setting(setting, config, rngs=nnx.Rngs(3))
     net = _MenuBounds(model, setting)
     n, m = setting.n_bidders, setting.n_items
     low, high = np.asarray(setting.low, np.float64), np.asarray(setting.high, np.float64)
@@ -578,14 +580,16 @@ def test_builder_certificate_verifies_and_needs_its_offsets(repaired_2x2):
 # Relational certificates (two bidders): the Jacobian enclosure and the witnesses.
 
 
-@pytest.mark.parametrize("clip", [0.0, 0.1])
-def test_verifier_jacobian_encloses_sampled_jacobians_and_matches_the_builder(clip):
+@pytest.mark.parametrize("clip, activation", [(0.0, "tanh"), (0.1, "tanh"), (0.1, "relu")])
+def test_verifier_jacobian_encloses_sampled_jacobians_and_matches_the_builder(clip, activation):
     import jax
 
     from gemnet.model import menu_jacobians, others_bids
 
     setting = get_setting("additive_2x2_uniform")
-    config = GemNetConfig(menu_size=6, hidden=16, alloc_clip=clip, init_logit_scale=4.0)
+    config = GemNetConfig(
+        menu_size=6, hidden=16, alloc_clip=clip, init_logit_scale=4.0, activation=activation
+    )
     model = GemNet.for_setting(setting, config, rngs=nnx.Rngs(7))
     net = _MenuBounds(model, setting)
     rng = np.random.default_rng(1)
