@@ -341,12 +341,7 @@ class GemNet(nnx.Module):
         ``menu_bids`` (default ``bids``): the bids the menus are computed at (e.g. the cell
         centres of :func:`quantize_bids`); utilities always use ``bids``.
         """
-        menus = self.menus(bids if menu_bids is None else menu_bids)
-        u = menu_utilities(menus, bids)
-        weights = jax.nn.softmax(kappa * u, axis=-1)  # [*batch, n, K+1]
-        alloc = jnp.einsum("...k,...km->...m", weights, menus.alloc)
-        pay = jnp.sum(weights * menus.price, axis=-1)
-        return Outcome(alloc=alloc, pay=pay)
+        return soft_choice(self.menus(bids if menu_bids is None else menu_bids), bids, kappa=kappa)
 
 
 def quantize_bids(
@@ -372,6 +367,14 @@ def menu_utilities(
 ) -> Float[Array, "*batch bidders elements"]:
     """``[*batch, bidders, elements]`` each bidder's utility for each element of its menu."""
     return jnp.einsum("...m,...km->...k", values, menus.alloc) - menus.price
+
+
+def soft_choice(menus: Menus, values: Float[Array, "*batch bidders items"], *, kappa) -> Outcome:
+    """Each bidder's menu elements weighted by ``softmax(kappa * utility)`` (training's choice)."""
+    weights = jax.nn.softmax(kappa * menu_utilities(menus, values), axis=-1)  # [*batch, n, K+1]
+    alloc = jnp.einsum("...k,...km->...m", weights, menus.alloc)
+    pay = jnp.sum(weights * menus.price, axis=-1)
+    return Outcome(alloc=alloc, pay=pay)
 
 
 @struct.dataclass

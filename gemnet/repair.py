@@ -1049,12 +1049,28 @@ def model_digest(model: GemNet) -> str:
 # The repair loop.
 
 
-def _solve_all(problems: list[CellProblem], workers: int) -> list[CellSolution]:
-    if workers <= 1 or len(problems) <= 1:
-        return [solve_cell(p) for p in problems]
-    ctx = multiprocessing.get_context("spawn")  # JAX is threaded: never fork it
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(problems)), mp_context=ctx) as ex:
-        return list(ex.map(solve_cell, problems, chunksize=max(1, len(problems) // (4 * workers))))
+class _MilpPool:
+    """Solves cell MILPs in ``workers`` processes, started on first use and kept for the whole
+    repair: a spawned worker imports JAX, seconds per start, which a pool per batch of
+    ``MILP_BATCH`` problems paid dozens of times."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def solve(self, problems: list[CellProblem]) -> list[CellSolution]:
+        if self.workers <= 1 or len(problems) <= 1:
+            return [solve_cell(p) for p in problems]
+        if self._executor is None:
+            ctx = multiprocessing.get_context("spawn")  # JAX is threaded: never fork it
+            self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
+        chunk = max(1, len(problems) // (4 * self.workers))
+        return list(self._executor.map(solve_cell, problems, chunksize=chunk))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
 
 def repair(
@@ -1114,11 +1130,15 @@ def repair(
         and _discrete_revenue_repair(model, setting, grid, offsets, checker, config, scale, stats)
     ):
         stages = []
-    for r in stages:
-        active = (np.arange(n) <= r).astype(np.float32)
-        lo, size = _certify_stage(
-            r, lo, size, active, grid, offsets, checker, config, scale, workers, stats
-        )
+    pool = _MilpPool(workers)
+    try:
+        for r in stages:
+            active = (np.arange(n) <= r).astype(np.float32)
+            lo, size = _certify_stage(
+                r, lo, size, active, grid, offsets, checker, config, scale, pool, stats
+            )
+    finally:
+        pool.close()
     if config.tighten_discrete and all(grid.discrete):
         stats["tightened_cells"] = _tighten_discrete(model, setting, grid, offsets, config, scale)
         ok, _ = checker.run(lo, size, np.ones(n, np.float32))
@@ -1162,7 +1182,7 @@ def repair(
     return RepairedGemNet(model, cert), cert
 
 
-def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, workers, stats):
+def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, pool, stats):
     """Certify ``sum_{i <= r}`` compatibility, giving active bidders offsets where needed.
 
     Each finest box that fails is assigned to one active bidder whose prices change there: bidder
@@ -1252,7 +1272,7 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, w
                 for i, key, rows_i, keys in jobs[s : s + MILP_BATCH]
             ]
             t_milp = time.perf_counter()
-            solutions.extend(_solve_all(problems, workers))
+            solutions.extend(pool.solve(problems))
             stats["milp_wall_s"] += time.perf_counter() - t_milp
             bidders.extend(job[0] for job in jobs[s : s + MILP_BATCH])
             bar.update(len(problems))

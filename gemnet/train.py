@@ -33,7 +33,7 @@ from diffecon.training import (
     save_checkpoint,
     train,
 )
-from gemnet.model import GemNet, GemNetConfig, choose, quantize_bids
+from gemnet.model import GemNet, GemNetConfig, choose, quantize_bids, soft_choice
 
 __all__ = [
     "GemNetTrainConfig",
@@ -171,18 +171,20 @@ def gemnet_step_fn(
         at = menu_bids(values)
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            soft = model.soft_outcome(values, kappa=kappa / scale, menu_bids=at)
+            menus = nnx.merge(graphdef, params).menus(at)
+            soft = soft_choice(menus, values, kappa=kappa / scale)
             revenue = jnp.mean(soft.revenue)
             penalty = jnp.mean(incompatibility(soft.alloc, margin=config.margin))
             loss = -revenue + state.lagrange * penalty + 0.5 * config.rho * penalty**2
-            return loss, (revenue, penalty)
+            return loss, (revenue, penalty, menus)
 
-        (loss, (revenue, penalty)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (revenue, penalty, menus)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        hard = nnx.merge(graphdef, state.params)
-        hard_out = choose(hard.menus(at), values).outcome
+        # the hard choice from the same forward pass's menus (no second pass through the network)
+        hard_out = choose(menus, values).outcome
         over = over_allocation(hard_out.alloc)
         t = state.step + 1
         lagrange = jnp.where(
