@@ -62,9 +62,13 @@ RECIPES: dict[str, tuple[int, GemNetTrainConfig]] = {
         4000,
         GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192),
     ),
+    # ReLU: piecewise-linear prices in b_-i (as an affine maximiser's are) train to more revenue.
     "additive_2x2_uniform": (
         10_000,
-        GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096),
+        GemNetTrainConfig(
+            network=GemNetConfig(menu_size=128, alloc_clip=0.1, activation="relu"),
+            batch_size=4096,
+        ),
     ),
     "additive_2x3_uniform": (
         10_000,

@@ -2,9 +2,11 @@
 
 Baselines are built from the settings' distributions; RegretNet is trained through the shared
 loop (``--no-pretrained``) or loaded from the checkpoints committed under
-``benchmarks/results/checkpoints`` (the default, ``--pretrained``). Writes ``revenue.json`` (one
-record per number, with its standard error, sample size, seed, wall time, device, version and
-command), ``revenue.md`` and PNG plots into ``--out``.
+``benchmarks/results/checkpoints`` (the default, ``--pretrained``). GemNet (``gemnet``) is the
+committed network of ``python -m benchmarks gemnet`` (which trains and repairs it), with its
+committed certificate re-verified before the repaired mechanism is evaluated. Writes
+``revenue.json`` (one record per number, with its standard error, sample size, seed, wall time,
+device, version and command), ``revenue.md`` and PNG plots into ``--out``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ SUITE = "revenue"
 # What runs by default: each setting with the mechanisms that apply to it.
 DEFAULT_PLAN: dict[str, tuple[str, ...]] = {
     "single_item_2_uniform": ("itemwise_myerson", "vcg", "first_price"),
-    "additive_1x2_uniform": ("optimal", "itemwise_myerson", "bundle_myerson", "regretnet"),
+    "additive_1x2_uniform": (
+        "optimal",
+        "itemwise_myerson",
+        "bundle_myerson",
+        "regretnet",
+        "gemnet",
+    ),
     "unit_1x2_uniform": ("optimal",),
     "unit_1x2_uniform_23": ("optimal",),
     "additive_1x2_uniform_416_47": ("optimal", "itemwise_myerson", "bundle_myerson"),
@@ -53,6 +61,7 @@ DEFAULT_PLAN: dict[str, tuple[str, ...]] = {
         "vvca",
         "ama",
         "regretnet",
+        "gemnet",
     ),
 }
 
@@ -216,6 +225,39 @@ def _regretnet(setting: Setting, config: RevenueConfig) -> tuple[Any, dict[str, 
     return model, {"train_wall_s": train_wall, "history": history}
 
 
+def _gemnet(setting: Setting, config: RevenueConfig) -> tuple[Any, str, dict[str, Any]]:
+    """The committed GemNet for ``setting`` as ``(mechanism, name, facts to record)``.
+
+    With several bidders the network is repaired by its committed certificate, which must verify
+    (``gemnet``); a network committed without one (the repair did not run) is evaluated as it is
+    and named ``gemnet_unrepaired``. With one bidder GemNet is RochetNet, compatible as it is.
+    """
+    from gemnet import RepairedGemNet, load_certificate, load_gemnet, verify_certificate
+
+    if not config.pretrained:
+        raise ValueError(
+            "GemNet is trained and repaired by `python -m benchmarks gemnet`; the revenue suite "
+            "evaluates the committed network (drop --no-pretrained)"
+        )
+    ckpt = Path(config.checkpoints_dir) / f"gemnet_{setting.name}"
+    if not ckpt.is_dir():
+        raise ValueError(f"no committed GemNet for {setting.name!r} (looked in {ckpt})")
+    model, _, meta = load_gemnet(ckpt, setting)
+    facts = {"train_wall_s": meta.get("train_wall_s"), "history": meta.get("history", [])}
+    if setting.n_bidders == 1:
+        return model, "gemnet", facts
+    if not (ckpt / "certificate").is_dir():
+        return model, "gemnet_unrepaired", facts
+    cert = load_certificate(ckpt / "certificate")
+    report = verify_certificate(model, setting, cert)
+    if not report.ok:
+        raise ValueError(
+            f"the committed GemNet certificate for {setting.name!r} does not verify: "
+            f"{report.summary()}"
+        )
+    return RepairedGemNet(model, cert), "gemnet", {**facts, "certificate_boxes": cert.n_boxes}
+
+
 def run(config: RevenueConfig) -> list[dict[str, Any]]:
     """Run the suite; returns the records it wrote."""
     out = Path(config.out)
@@ -235,13 +277,15 @@ def run(config: RevenueConfig) -> list[dict[str, Any]]:
                     mech, extra = _regretnet(setting, config)
                     if config.regretnet_stages:
                         mech_name = f"regretnet_stage{config.regretnet_stages}"
+                elif mech_name == "gemnet":
+                    mech, mech_name, extra = _gemnet(setting, config)
                 else:
                     mech = make_baseline(mech_name, setting, key=jax.random.key(config.seed))
             except ValueError as err:
                 print(f"[revenue] skip {mech_name} on {setting_name}: {err}")
                 continue
             build_s = time.perf_counter() - t0
-            learned = mech_name.startswith("regretnet")
+            learned = mech_name.startswith(("regretnet", "gemnet"))
             record = functools.partial(
                 make_record,
                 suite=SUITE,

@@ -42,6 +42,11 @@ def test_revenue_quick_smoke_run(tmp_path):
     assert by[("single_item_2_uniform", "vcg", "regret_max")]["value"] < 1e-4
     assert by[("single_item_2_uniform", "first_price", "regret_mean")]["value"] > 0.1
     assert ("additive_1x2_uniform", "regretnet", "train_wall_s") in by
+    # the committed GemNet (RochetNet with one bidder) next to the baselines
+    gem = by[("additive_1x2_uniform", "gemnet", "revenue")]
+    assert abs(gem["value"] - _optimum("additive_1x2_uniform")) <= 4 * gem["stderr"] + 0.002
+    assert by[("additive_1x2_uniform", "gemnet", "regret_max")]["value"] < 1e-4
+    assert ("additive_1x2_uniform", "gemnet", "train_wall_s") in by
     assert (out / "revenue.md").read_text().startswith("| setting | mechanism |")
     assert (out / "revenue_additive_1x2_uniform.png").stat().st_size > 1000
     assert (out / "alloc_optimal_additive_1x2_uniform.png").is_file()
@@ -212,6 +217,37 @@ def test_readme_tables_match_the_committed_results():
 
 def _optimum(name):
     return get_setting(name).reference("optimal").value
+
+
+def test_revenue_suite_gemnet_needs_a_committed_network(tmp_path):
+    from benchmarks.revenue import RevenueConfig, _gemnet
+
+    setting = get_setting("additive_2x2_uniform")
+    with pytest.raises(ValueError, match="no committed GemNet"):
+        _gemnet(setting, RevenueConfig(checkpoints_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="benchmarks gemnet"):
+        _gemnet(setting, RevenueConfig(pretrained=False))
+
+
+def test_revenue_suite_gemnet_refuses_a_certificate_that_does_not_verify(tmp_path):
+    import dataclasses
+    import shutil
+
+    from benchmarks.revenue import RevenueConfig, _gemnet
+    from gemnet import RepairedGemNet, load_certificate, save_certificate
+
+    name = "yao_2x2_discrete_37"  # a small committed certificate: verified in a second
+    config = RevenueConfig(checkpoints_dir=str(tmp_path))
+    shutil.copytree(
+        readme.RESULTS_DIR / "checkpoints" / f"gemnet_{name}", tmp_path / f"gemnet_{name}"
+    )
+    mech, label, facts = _gemnet(get_setting(name), config)
+    assert isinstance(mech, RepairedGemNet) and label == "gemnet" and facts["certificate_boxes"]
+    cert_dir = tmp_path / f"gemnet_{name}" / "certificate"
+    cert = load_certificate(cert_dir)
+    save_certificate(dataclasses.replace(cert, params_digest="0" * 64), cert_dir)
+    with pytest.raises(ValueError, match="does not verify"):
+        _gemnet(get_setting(name), config)
 
 
 def test_committed_revenue_results_meet_the_spec():

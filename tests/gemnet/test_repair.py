@@ -53,6 +53,19 @@ def test_repaired_mechanism_never_over_allocates(repaired_2x2):
     check_mechanism(repaired, setting)
 
 
+def test_milp_process_pool_gives_the_same_certificate(tiny_2x2, repaired_2x2):
+    """Cell MILPs solved in two spawned processes (one pool for the whole repair) give the same
+    offsets, boxes and MILP count as solving them in this process."""
+    setting, model = tiny_2x2
+    reference = repaired_2x2[3]
+    _, cert = repair(model, setting, dataclasses.replace(FAST, workers=2))
+    assert cert.stats["milps"] == reference.stats["milps"] > 1
+    np.testing.assert_array_equal(cert.box_lo, reference.box_lo)
+    np.testing.assert_array_equal(cert.box_size, reference.box_size)
+    for got, want in zip(cert.offset_values, reference.offset_values, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_repaired_menu_is_bit_identical_when_own_bid_changes(repaired_2x2):
     setting, _, repaired, _ = repaired_2x2
     bids = setting.sample(jax.random.key(1), (256,))
