@@ -44,61 +44,62 @@ from gemnet.verify import verify_certificate
 
 SUITE = "gemnet"
 
-# Per-setting training recipes (steps, menu size, batch); others use the default.
-RECIPES: dict[str, tuple[int, GemNetTrainConfig]] = {
-    "additive_1x2_uniform": (
-        4000,
-        GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192),
-    ),
-    "unit_1x2_uniform": (
-        4000,
-        GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192),
-    ),
-    "unit_1x2_uniform_23": (
-        4000,
-        GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192),
-    ),
-    "additive_1x2_uniform_416_47": (
-        4000,
-        GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192),
-    ),
+
+@dataclasses.dataclass(frozen=True)
+class GemNetStage:
+    """One stage of a training recipe: ``steps`` of ``config``.
+
+    A later stage continues from the previous stage's parameters and multiplier; its optimizer
+    and schedules start afresh, and ``reset_multipliers`` restarts the multiplier at the stage's
+    ``lagrange_init``.
+    """
+
+    config: GemNetTrainConfig
+    steps: int
+    reset_multipliers: bool = False
+
+
+_ROCHETNET = GemNetTrainConfig(network=GemNetConfig(menu_size=256), batch_size=8192)
+_RELU_2X2 = GemNetTrainConfig(
+    network=GemNetConfig(menu_size=128, alloc_clip=0.1, activation="relu"), batch_size=4096
+)
+_TANH_128 = GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096)
+
+# Per-setting training recipes (stages of steps, menu size, batch); others use the default.
+RECIPES: dict[str, tuple[GemNetStage, ...]] = {
+    "additive_1x2_uniform": (GemNetStage(_ROCHETNET, 4000),),
+    "unit_1x2_uniform": (GemNetStage(_ROCHETNET, 4000),),
+    "unit_1x2_uniform_23": (GemNetStage(_ROCHETNET, 4000),),
+    "additive_1x2_uniform_416_47": (GemNetStage(_ROCHETNET, 4000),),
     # ReLU: piecewise-linear prices in b_-i (as an affine maximiser's are) train to more revenue.
-    "additive_2x2_uniform": (
-        10_000,
-        GemNetTrainConfig(
-            network=GemNetConfig(menu_size=128, alloc_clip=0.1, activation="relu"),
-            batch_size=4096,
-        ),
-    ),
-    "additive_2x3_uniform": (
-        10_000,
-        GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096),
-    ),
-    "additive_3x3_uniform": (
-        6000,
-        GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096),
-    ),
+    "additive_2x2_uniform": (GemNetStage(_RELU_2X2, 10_000),),
+    "additive_2x3_uniform": (GemNetStage(_TANH_128, 10_000),),
+    "additive_3x3_uniform": (GemNetStage(_TANH_128, 6000),),
     # 30 coordinates: the repair's grid cannot hold the profile space (reported, not run). 64
     # learned elements cannot post prices on 10 items; the 1,023 item-price bundles can.
     "additive_3x10_uniform": (
-        3000,
-        GemNetTrainConfig(
-            network=GemNetConfig(menu_size=64, alloc_clip=0.1, item_prices=True),
-            batch_size=1024,
-            kappa_init=300.0,
-            rho=1.0,
-            lagrange_init=0.1,
+        GemNetStage(
+            GemNetTrainConfig(
+                network=GemNetConfig(menu_size=64, alloc_clip=0.1, item_prices=True),
+                batch_size=1024,
+                kappa_init=300.0,
+                rho=1.0,
+                lagrange_init=0.1,
+            ),
+            3000,
         ),
     ),
     # Exact 0/1 allocations (alloc_clip) let the two bidders split the items, as the optimum does.
     "yao_2x2_discrete_37": (
-        6000,
-        GemNetTrainConfig(
-            network=GemNetConfig(menu_size=32, alloc_clip=0.1),
-            batch_size=2048,
-            learning_rate=3e-3,
-            kappa_final=300.0,
-            rho=1.0,
+        GemNetStage(
+            GemNetTrainConfig(
+                network=GemNetConfig(menu_size=32, alloc_clip=0.1),
+                batch_size=2048,
+                learning_rate=3e-3,
+                kappa_final=300.0,
+                rho=1.0,
+            ),
+            6000,
         ),
     ),
 }
@@ -145,8 +146,9 @@ class GemNetBenchConfig:
 
 
 QUICK_RECIPE = (
-    200,
-    GemNetTrainConfig(network=GemNetConfig(menu_size=16, hidden=32), batch_size=512),
+    GemNetStage(
+        GemNetTrainConfig(network=GemNetConfig(menu_size=16, hidden=32), batch_size=512), 200
+    ),
 )
 
 
@@ -204,36 +206,68 @@ def _checkpoint_dir(name: str, config: GemNetBenchConfig) -> Path:
     return Path(config.checkpoints_dir) / f"gemnet_{name}"
 
 
+def train_recipe(
+    setting, stages: tuple[GemNetStage, ...], *, seed: int, runs_dir: str | None, progress: bool
+):
+    """Train the ``stages`` of a recipe in order on ``setting``.
+
+    Returns ``(model, history, train_wall_s)``: the history of all stages (steps counted from
+    the first stage's start, each row with its ``stage``), and the stages' summed wall time
+    (including parts done before a resume from ``runs_dir``).
+    """
+    state, model, history, wall = None, None, [], 0.0
+    for k, stage in enumerate(stages, start=1):
+        run_name = f"gemnet_{setting.name}" + (f"_stage{k}" if k > 1 else "")
+        model, result = train_gemnet(
+            setting,
+            stage.config,
+            TrainConfig(
+                steps=stage.steps,
+                seed=seed,
+                log_every=max(stage.steps // 500, 1) * 10,
+                checkpoint_every=1000 if runs_dir else 0,
+                checkpoint_dir=str(Path(runs_dir) / run_name) if runs_dir else None,
+                run_name=run_name.replace("_", " ", 1),
+                progress=progress,
+            ),
+            init_state=state,
+            reset_multipliers=stage.reset_multipliers,
+            fingerprint={"stage": k, "stage1_steps": stages[0].steps} if k > 1 else None,
+        )
+        state = result.state
+        offset = history[-1]["step"] if history else 0
+        history += [{**row, "step": row["step"] + offset, "stage": k} for row in result.history]
+        wall += result.history[-1]["wall_s"] if result.history else result.wall_s
+    if model is None:
+        raise ValueError("a recipe needs at least one stage")
+    return model, history, wall
+
+
 def _model(name: str, config: GemNetBenchConfig):
     setting = get_setting(name)
     ckpt = _checkpoint_dir(name, config)
     if config.pretrained:
         model, _, meta = load_gemnet(ckpt, setting)
         return setting, model, float(meta.get("train_wall_s", float("nan")))
-    steps, recipe = (
-        QUICK_RECIPE if config.quick else RECIPES.get(name, (10_000, GemNetTrainConfig()))
+    stages = (
+        QUICK_RECIPE
+        if config.quick
+        else RECIPES.get(name, (GemNetStage(GemNetTrainConfig(), 10_000),))
     )
-    model, result = train_gemnet(
-        setting,
-        recipe,
-        TrainConfig(
-            steps=steps,
-            seed=config.seed,
-            log_every=max(steps // 500, 1) * 10,
-            checkpoint_every=1000,
-            checkpoint_dir=str(Path(config.runs_dir) / f"gemnet_{name}"),
-            run_name=f"gemnet {name}",
-            progress=not config.quick,
-        ),
+    model, history, wall = train_recipe(
+        setting, stages, seed=config.seed, runs_dir=config.runs_dir, progress=not config.quick
     )
-    wall = result.history[-1]["wall_s"] if result.history else result.wall_s
     save_gemnet(
         model,
         ckpt,
         setting=setting,
-        config=recipe,
-        step=steps,
-        extra_meta={"train_wall_s": wall, "history": result.history},
+        config=stages[-1].config,
+        step=sum(stage.steps for stage in stages),
+        extra_meta={
+            "train_wall_s": wall,
+            "history": history,
+            "stages": [dataclasses.asdict(stage) for stage in stages],
+        },
     )
     return setting, model, wall
 

@@ -308,16 +308,17 @@ def run(config: SpeedConfig) -> list[dict[str, Any]]:
 
 def _gemnet_pipeline(config: SpeedConfig) -> list[dict[str, Any]]:
     """GemNet training, repair and verification on one setting, each timed."""
-    from benchmarks.gemnet import QUICK_RECIPE, RECIPES
-    from gemnet import RepairConfig, repair, train_gemnet, verify_certificate
+    from benchmarks.gemnet import QUICK_RECIPE, RECIPES, train_recipe
+    from gemnet import RepairConfig, repair, verify_certificate
 
     name = str(config.gemnet_setting)
     setting = get_setting(name)
-    steps, recipe = QUICK_RECIPE if config.quick else RECIPES[name]
+    stages = QUICK_RECIPE if config.quick else RECIPES[name]
+    steps = sum(stage.steps for stage in stages)
     level = 3 if config.quick else config.gemnet_max_level
     t0 = time.perf_counter()
-    model, _ = train_gemnet(
-        setting, recipe, TrainConfig(steps=steps, seed=config.seed, progress=not config.quick)
+    model, _, _ = train_recipe(
+        setting, stages, seed=config.seed, runs_dir=None, progress=not config.quick
     )
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()

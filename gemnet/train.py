@@ -211,17 +211,48 @@ def train_gemnet(
     config: GemNetTrainConfig,
     train_config: TrainConfig,
     *,
+    init_state: GemNetTrainState | None = None,
+    reset_multipliers: bool = False,
     fingerprint: dict[str, Any] | None = None,
 ) -> tuple[GemNet, TrainResult]:
     """Train GemNet on ``setting`` through the shared loop; returns the model and the run.
 
+    Args:
+      setting, config, train_config: what to train, how, and for how many steps.
+      init_state: continue from this state's parameters and multiplier (e.g. the final state of
+        an earlier stage trained with another config) instead of a fresh initialisation; its
+        networks must match ``config.network``. The optimizer and the schedules (learning rate,
+        ``kappa``) start afresh for this run's config and steps.
+      reset_multipliers: with ``init_state``, restart the multiplier at ``config.lagrange_init``
+        (e.g. a final stage that pushes the remaining incompatibility down at a fixed ``kappa``).
+      fingerprint: extra facts a resumed run must share (e.g. which stage it continues).
+
     Raises:
-      ValueError: a setting GemNet does not support (combinatorial valuations, unbounded support).
+      ValueError: a setting GemNet does not support (combinatorial valuations, unbounded support),
+        or an ``init_state`` whose parameters do not fit ``config.network``.
     """
     steps = train_config.steps
     graphdef, state = init_gemnet_state(
         setting, config, jax.random.key(train_config.seed), steps=steps
     )
+    if init_state is not None:
+
+        def shapes(params):
+            return jax.tree.structure(params), [jnp.shape(x) for x in jax.tree.leaves(params)]
+
+        if shapes(init_state.params) != shapes(state.params):
+            raise ValueError(
+                "init_state's parameters do not match config.network "
+                f"({config.network}): continue a stage with the same network shape"
+            )
+        # copies: the loop donates its state's buffers, and the caller keeps ``init_state``
+        params = jax.tree.map(jnp.copy, init_state.params)
+        state = dataclasses.replace(
+            state,
+            params=params,
+            opt_state=_optimizer(config, steps).init(params),
+            lagrange=state.lagrange if reset_multipliers else jnp.copy(init_state.lagrange),
+        )
 
     def sample(key, state):
         del state
@@ -236,6 +267,8 @@ def train_gemnet(
             "setting": setting.name,
             "steps": steps,
             **_config_dict(config),
+            **({"init_state": True} if init_state is not None else {}),
+            **({"reset_multipliers": True} if reset_multipliers else {}),
             **(fingerprint or {}),
         },
     )

@@ -414,13 +414,14 @@ def test_adversarial_search_finds_over_allocation_only_before_repair(repaired_2x
 def test_yao_repaired_revenue_equals_the_optimal_auction():
     # The benchmark's recipe (minutes on a CPU): training, then the exact discrete repair; the
     # optimum comes from an independent LP over the 16 profiles.
-    from benchmarks.gemnet import RECIPES
-    from diffecon import TrainConfig, optimal_dsic_lp
-    from gemnet import train_gemnet, verify_certificate
+    from benchmarks.gemnet import RECIPES, train_recipe
+    from diffecon import optimal_dsic_lp
+    from gemnet import verify_certificate
 
     setting = get_setting("yao_2x2_discrete_37")
-    steps, recipe = RECIPES[setting.name]
-    model, _ = train_gemnet(setting, recipe, TrainConfig(steps=steps, seed=0, progress=False))
+    model, _, _ = train_recipe(
+        setting, RECIPES[setting.name], seed=0, runs_dir=None, progress=False
+    )
     repaired, cert = repair(model, setting, dataclasses.replace(FAST, time_limit_s=300.0))
     assert verify_certificate(model, setting, cert).ok
     lp = optimal_dsic_lp(setting)

@@ -48,6 +48,40 @@ def test_training_raises_revenue_and_tracks_over_allocation():
     assert last["over_allocation_rate"] == 0.0  # one bidder can never over-allocate
 
 
+def test_a_second_stage_continues_from_the_first():
+    setting = get_setting("additive_2x2_uniform")
+    first = dataclasses.replace(TINY, lagrange_init=1.0, rho=10.0)
+    _, r1 = train_gemnet(setting, first, TrainConfig(steps=60, progress=False))
+    assert float(r1.state.lagrange) > 1.0  # the multiplier moved in stage 1
+    second = dataclasses.replace(first, learning_rate=1e-4, lagrange_init=20.0)
+    # zero steps: the stage returns exactly the state it was given
+    _, r0 = train_gemnet(setting, second, TrainConfig(steps=0, progress=False), init_state=r1.state)
+    for a, b in zip(
+        jax.tree.leaves(r0.state.params), jax.tree.leaves(r1.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(r0.state.lagrange) == float(r1.state.lagrange)
+    _, r2 = train_gemnet(
+        setting,
+        second,
+        TrainConfig(steps=20, log_every=10, progress=False),
+        init_state=r1.state,
+        reset_multipliers=True,
+    )
+    assert r2.history[0]["lagrange"] == pytest.approx(20.0)  # restarted, not carried
+    assert int(r2.state.step) == 20  # this stage's own schedules
+    moved = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(
+            jax.tree.leaves(r2.state.params), jax.tree.leaves(r1.state.params), strict=True
+        )
+    ]
+    assert any(moved)
+    other = dataclasses.replace(first, network=dataclasses.replace(TINY.network, hidden=8))
+    with pytest.raises(ValueError, match=r"do not match config\.network"):
+        train_gemnet(setting, other, TrainConfig(steps=10, progress=False), init_state=r1.state)
+
+
 def test_save_load_roundtrip(tmp_path, tiny_2x2):
     setting, model = tiny_2x2
     config = GemNetTrainConfig(network=GemNetConfig(menu_size=8, hidden=16))
