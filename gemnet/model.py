@@ -36,6 +36,7 @@ __all__ = [
     "GemNetConfig",
     "Menus",
     "choose",
+    "grid_cells",
     "menu_bounds",
     "menu_utilities",
     "others_bids",
@@ -353,13 +354,26 @@ def quantize_bids(
     (the quantized repair's grid at ``max_level = level``). A GemNet whose menus are computed at
     the quantized bids is piecewise constant in ``b_-i``, still strategy-proof.
     """
+    index, low, width = _grid_index(bids, low=low, high=high, level=level)
+    return low + (index + 0.5) * width
+
+
+def grid_cells(
+    bids: Float[Array, "*batch bidders items"], *, low, high, level: int
+) -> tuple[Float[Array, "*batch bidders items"], Float[Array, "*batch bidders items"]]:
+    """``(lo, hi)``: every coordinate's cell on the grid of :func:`quantize_bids`."""
+    index, low, width = _grid_index(bids, low=low, high=high, level=level)
+    return low + index * width, low + (index + 1) * width
+
+
+def _grid_index(bids, *, low, high, level: int):
     if level < 0:
         raise ValueError(f"level must be >= 0, got {level}")
     low = jnp.asarray(low, bids.dtype)
-    width = jnp.asarray(high, bids.dtype) - low
+    span = jnp.asarray(high, bids.dtype) - low
     cells = 2**level
-    index = jnp.clip(jnp.floor((bids - low) * (cells / width)), 0, cells - 1)
-    return low + (index + 0.5) * (width / cells)
+    index = jnp.clip(jnp.floor((bids - low) * (cells / span)), 0, cells - 1)
+    return index, low, span / cells
 
 
 def menu_utilities(

@@ -33,11 +33,21 @@ from diffecon.training import (
     save_checkpoint,
     train,
 )
-from gemnet.model import GemNet, GemNetConfig, choose, quantize_bids, soft_choice
+from gemnet.model import (
+    GemNet,
+    GemNetConfig,
+    Menus,
+    choose,
+    grid_cells,
+    menu_utilities,
+    quantize_bids,
+    soft_choice,
+)
 
 __all__ = [
     "GemNetTrainConfig",
     "GemNetTrainState",
+    "box_incompatibility",
     "gemnet_step_fn",
     "incompatibility",
     "load_gemnet",
@@ -68,6 +78,12 @@ class GemNetTrainConfig:
         ``b_-i`` on a grid of ``2^quantize_level`` cells per continuous coordinate (discrete ones
         are kept), so the penalty sees the conflicts of the quantized menus (those the repair
         must remove) during training.
+      penalty: what the incompatibility measures. ``"point"``: the soft choices at the sampled
+        profile (:func:`incompatibility`). ``"box"`` (needs ``quantize_level``): the repair's own
+        test on the finest box around the profile, softened (:func:`box_incompatibility`): each
+        bidder's largest allocation among the elements that may be chosen somewhere in its cell
+        of own values, so the network learns to leave the gaps between the bidders' choice
+        boundaries that the repair would otherwise open with price rises over whole cells.
     """
 
     network: GemNetConfig = dataclasses.field(default_factory=GemNetConfig)
@@ -82,6 +98,16 @@ class GemNetTrainConfig:
     lagrange_every: int = 50
     margin: float = 0.0
     quantize_level: int = 0
+    penalty: str = "point"
+
+    def __post_init__(self):
+        if self.penalty not in ("point", "box"):
+            raise ValueError(f"penalty must be 'point' or 'box', got {self.penalty!r}")
+        if self.penalty == "box" and self.quantize_level <= 0:
+            raise ValueError(
+                "penalty='box' tests the repair's finest boxes: set quantize_level "
+                "(the repair's max_level)"
+            )
 
 
 @struct.dataclass
@@ -99,6 +125,30 @@ def incompatibility(
 ) -> Float[Array, "*batch"]:
     """``sum_j relu(sum_i alloc_ij - 1 + margin)`` per profile (the penalised over-allocation)."""
     return jnp.sum(jax.nn.relu(jnp.sum(alloc, axis=-2) - 1.0 + margin), axis=-1)
+
+
+def box_incompatibility(
+    menus: Menus,
+    lo: Float[Array, "*batch bidders items"],
+    hi: Float[Array, "*batch bidders items"],
+    *,
+    kappa,
+    margin: float = 0.0,
+) -> Float[Array, "*batch"]:
+    """The repair's finest-box test, softened: penalised over-allocation of a box of profiles.
+
+    On the box ``[lo, hi]`` (each bidder's own values in a cell; ``menus`` fixed on it, as the
+    quantized repair's are on its finest boxes) element ``k`` of bidder ``i`` is a candidate when
+    its largest utility over the cell reaches the best smallest one; softly, with weight
+    ``sigmoid(kappa * (u_hi_k - max_d u_lo_d))``. Per bidder and item the largest candidate
+    allocation is taken, and the box is penalised like a profile (:func:`incompatibility`).
+    Allocations are non-negative, so ``u_hi``/``u_lo`` are the utilities at ``hi``/``lo``.
+    """
+    u_hi, u_lo = menu_utilities(menus, hi), menu_utilities(menus, lo)  # [*batch, n, K + 1]
+    best_lo = jnp.max(u_lo, axis=-1, keepdims=True)  # the null element's 0 included
+    weight = jax.nn.sigmoid(kappa * (u_hi - best_lo))
+    top = jnp.max(weight[..., None] * menus.alloc, axis=-2)  # [*batch, n, m]
+    return incompatibility(top, margin=margin)
 
 
 def over_allocation(alloc: Float[Array, "*batch bidders items"]) -> Float[Array, "*batch"]:
@@ -159,11 +209,19 @@ def gemnet_step_fn(
     # discrete coordinates stay as they are (as in the quantized repair)
     discrete = _discrete_mask(setting)
 
+    grid = {"low": setting.low, "high": setting.high, "level": config.quantize_level}
+
     def menu_bids(values):
         if not config.quantize_level:
             return values
-        at = quantize_bids(values, low=setting.low, high=setting.high, level=config.quantize_level)
-        return jnp.where(discrete, values, at)
+        return jnp.where(discrete, values, quantize_bids(values, **grid))
+
+    def penalised(menus, soft, values, kappa):
+        if config.penalty == "point":
+            return incompatibility(soft.alloc, margin=config.margin)
+        lo, hi = grid_cells(values, **grid)
+        lo, hi = jnp.where(discrete, values, lo), jnp.where(discrete, values, hi)
+        return box_incompatibility(menus, lo, hi, kappa=kappa, margin=config.margin)
 
     def step(state: GemNetTrainState, values, key):
         del key
@@ -174,7 +232,7 @@ def gemnet_step_fn(
             menus = nnx.merge(graphdef, params).menus(at)
             soft = soft_choice(menus, values, kappa=kappa / scale)
             revenue = jnp.mean(soft.revenue)
-            penalty = jnp.mean(incompatibility(soft.alloc, margin=config.margin))
+            penalty = jnp.mean(penalised(menus, soft, values, kappa / scale))
             loss = -revenue + state.lagrange * penalty + 0.5 * config.rho * penalty**2
             return loss, (revenue, penalty, menus)
 

@@ -10,6 +10,7 @@ from diffecon import TrainConfig, evaluate, get_setting
 from gemnet import (
     GemNetConfig,
     GemNetTrainConfig,
+    Menus,
     choose,
     incompatibility,
     load_gemnet,
@@ -18,10 +19,12 @@ from gemnet import (
     save_gemnet,
     train_gemnet,
 )
+from gemnet.model import soft_choice
 from gemnet.train import (
     _config_dict,
     _config_from_dict,
     _discrete_mask,
+    box_incompatibility,
     gemnet_step_fn,
     init_gemnet_state,
 )
@@ -35,6 +38,53 @@ def test_incompatibility_and_over_allocation_by_hand():
         np.asarray(incompatibility(alloc, margin=0.1)), [0.4 + 0.2, 0.1 + 0.1], atol=1e-6
     )
     np.testing.assert_allclose(np.asarray(over_allocation(alloc)), [0.3, 0.0], atol=1e-6)
+
+
+def test_box_incompatibility_sees_conflicts_anywhere_in_the_cells():
+    # One item, two bidders; each menu: the item at price 0.5, or nothing. At values (0.49, 0.49)
+    # nobody buys (no conflict at the profile), but the cells [0.48, 0.52] reach 0.5 for both:
+    # both may buy there, so the box is incompatible. Far from the price the box is fine.
+    menus = Menus(
+        alloc=jnp.array([[[1.0], [0.0]], [[1.0], [0.0]]]), price=jnp.array([[0.5, 0.0]] * 2)
+    )
+    at, lo, hi = (jnp.full((2, 1), x) for x in (0.49, 0.48, 0.52))
+    kappa = 1e4
+    point = soft_choice(menus, at, kappa=kappa).alloc
+    assert float(incompatibility(point)) < 1e-6
+    assert float(box_incompatibility(menus, lo, hi, kappa=kappa)) == pytest.approx(1.0, abs=1e-3)
+    # bidder 1's cell below the price: only bidder 0 may buy
+    lo1, hi1 = lo.at[1].set(0.2), hi.at[1].set(0.24)
+    assert float(box_incompatibility(menus, lo1, hi1, kappa=kappa)) < 1e-6
+    # batched like the training step: [*batch, bidders, items]
+    batched = Menus(alloc=menus.alloc[None].repeat(3, 0), price=menus.price[None].repeat(3, 0))
+    got = box_incompatibility(
+        batched, jnp.stack([lo, lo1, lo]), jnp.stack([hi, hi1, hi]), kappa=kappa
+    )
+    np.testing.assert_allclose(np.asarray(got), [1.0, 0.0, 1.0], atol=1e-3)
+
+
+def test_box_penalty_needs_the_quantized_grid():
+    with pytest.raises(ValueError, match="quantize_level"):
+        GemNetTrainConfig(penalty="box")
+    with pytest.raises(ValueError, match="penalty must be"):
+        GemNetTrainConfig(penalty="boxes", quantize_level=3)
+
+
+def test_box_penalty_trains_and_shrinks_the_repairs_work():
+    # The box penalty is the repair's finest-box test: a network trained against it leaves
+    # fewer finest boxes of its level for the repair to fix than one trained on profiles.
+    setting = get_setting("additive_2x2_uniform")
+    base = dataclasses.replace(TINY, quantize_level=3, lagrange_init=5.0, rho=30.0)
+    counts = {}
+    for penalty in ("point", "box"):
+        model, result = train_gemnet(
+            setting,
+            dataclasses.replace(base, penalty=penalty),
+            TrainConfig(steps=300, log_every=100, progress=False),
+        )
+        assert np.isfinite(result.history[-1]["loss"])
+        counts[penalty] = _failing_finest_boxes(model, setting, level=3)
+    assert counts["box"] < counts["point"]
 
 
 def test_training_raises_revenue_and_tracks_over_allocation():
@@ -144,3 +194,21 @@ def test_quantized_training_tracks_the_quantized_mechanism(tiny_2x2):
     # discrete coordinates are not quantized (the repair leaves them as they are)
     assert _discrete_mask(get_setting("yao_2x2_discrete_37")).all()
     assert not _discrete_mask(setting).any()
+
+
+def _failing_finest_boxes(model, setting, *, level: int) -> int:
+    """How many boxes of the uniform level-``level`` grid fail the candidate test with the
+    menus quantized at the cells' centres (the quantized repair's finest boxes, before repair)."""
+    n, m = setting.n_bidders, setting.n_items
+    cells = 2**level
+    idx = np.stack(np.meshgrid(*[np.arange(cells)] * (n * m), indexing="ij"), -1).reshape(-1, n, m)
+    width = (setting.high - setting.low) / cells
+    lo = setting.low + idx * width
+    hi, centre = lo + width, lo + width / 2
+    menus = model.menus(jnp.asarray(centre, jnp.float32))
+    alloc, price = np.asarray(menus.alloc, np.float64), np.asarray(menus.price, np.float64)
+    u_hi = np.einsum("bnm,bnkm->bnk", hi, alloc) - price
+    u_lo = np.einsum("bnm,bnkm->bnk", lo, alloc) - price
+    candidate = u_hi >= u_lo.max(-1, keepdims=True) - 1e-6
+    top = np.max(np.where(candidate[..., None], alloc, 0.0), axis=-2)  # [boxes, n, m]
+    return int(np.sum(np.any(top.sum(-2) > 1 + 1e-6, axis=-1)))
