@@ -301,7 +301,7 @@ class GemNet(nnx.Module):
         act = hidden_activation(self.activation)
         last = len(self.weights) - 1
         for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            h = jnp.einsum("...ni,nio->...no", h, w[...]) + b[...]
+            h = stacked_affine(h, w[...], b[...])
             if layer < last:
                 h = act(h)
         return h
@@ -432,11 +432,26 @@ def _interval_softmax(lo, hi):
     return low, high
 
 
+def stacked_affine(x, w, b=None):
+    """``x @ w + b`` per bidder: ``x [*batch, n, in]``, ``w [n, in, out]``, ``b [n, out]``.
+
+    Computed bidder-major (``[n, batch, in]``: one batched matmul over contiguous rows; on the
+    CPU its gradient is about 1.7x faster than with the bidders in the middle). The network and
+    its interval bounds share it, so a degenerate box's bounds are the point's outputs exactly.
+    """
+    batch = x.shape[:-2]
+    h = jnp.moveaxis(x.reshape(-1, *x.shape[-2:]), 1, 0)
+    h = jnp.einsum("nbi,nio->nbo", h, w)
+    if b is not None:
+        h = h + b[:, None, :]
+    return jnp.moveaxis(h, 0, 1).reshape(*batch, *h.shape[::2])
+
+
 def _affine_interval(lo, hi, w, b):
     """Bounds of ``x @ w + b`` per bidder (``w [n, in, out]``) over ``x in [lo, hi]``."""
     centre, radius = (lo + hi) / 2, (hi - lo) / 2
-    c = jnp.einsum("...ni,nio->...no", centre, w) + b
-    r = jnp.einsum("...ni,nio->...no", radius, jnp.abs(w))
+    c = stacked_affine(centre, w, b)
+    r = stacked_affine(radius, jnp.abs(w))
     return c - r, c + r
 
 
