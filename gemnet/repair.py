@@ -81,6 +81,7 @@ __all__ = ["RepairConfig", "RepairError", "RepairedGemNet", "certifiable_share",
 
 BUILDER_SLACK = 1.5  # the builder's candidate slack, in units of the certificate's
 BUILDER_ALLOC_MARGIN = 1e-5  # the builder certifies totals of two or more bidders up to 1 - this
+STUCK_ROUNDS = 3  # a box failing this many rounds with one repairing bidder passes to the next
 
 
 class RepairError(RuntimeError):
@@ -1191,6 +1192,8 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, p
     """
     constraints: dict[tuple[int, int], set[tuple[int, ...]]] = defaultdict(set)
     owners: dict[tuple[int, ...], int] = {}
+    fails: dict[tuple[int, ...], int] = defaultdict(int)
+    bidders_on = [int(i) for i in np.flatnonzero(active > 0)]
     certified: list[tuple[np.ndarray, np.ndarray]] = []
     pending = (lo, size)
 
@@ -1231,8 +1234,14 @@ def _certify_stage(r, lo, size, active, grid, offsets, checker, config, scale, p
         if round_ == config.max_rounds:
             raise RepairError(f"stage {r}: still {len(f_lo)} boxes after {round_} MILP rounds")
         owner = _assign(f_lo, r, active, checker) if config.two_sided else np.full(len(f_lo), r)
-        # a box keeps the bidder it was first given (no ping-pong between the two sides)
+        # A box keeps the bidder it was first given (no ping-pong between the two sides), unless
+        # it keeps failing with it: a rival's element can sit at the edge of the candidate
+        # tolerance, in or out by float32 rounding that differs between batches of boxes, where
+        # the owner's MILP sees nothing to exclude; the rival's MILP excludes it with a margin.
         for b, row in enumerate(map(tuple, f_lo.tolist())):
+            fails[row] += 1
+            if row in owners and fails[row] % STUCK_ROUNDS == 0:
+                owners[row] = bidders_on[(bidders_on.index(owners[row]) + 1) % len(bidders_on)]
             owner[b] = owners.setdefault(row, int(owner[b]))
         use_rel = round_ < config.relational_rounds
         jobs: list[tuple[int, int, np.ndarray, np.ndarray]] = []
