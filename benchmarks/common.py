@@ -1,19 +1,67 @@
-"""What every benchmark suite shares: result records, JSON files and Markdown tables."""
+"""What every benchmark suite shares: result records, JSON files, Markdown tables and staged
+training recipes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import shlex
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jax
 
 import diffecon
+
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage(Generic[ConfigT]):
+    """One stage of a training recipe: ``steps`` of ``config``.
+
+    A later stage continues from the previous stage's final state (parameters and multipliers);
+    its optimizer and schedules start afresh, and ``reset_multipliers`` restarts the multipliers
+    at the stage config's initial values.
+    """
+
+    config: ConfigT
+    steps: int
+    reset_multipliers: bool = False
+
+
+def train_stages(
+    stages: Sequence[Stage[Any]], train_stage: Callable[..., tuple[Any, Any]]
+) -> tuple[Any, list[dict[str, Any]], float]:
+    """Train ``stages`` in order; returns ``(model, history, train_wall_s)``.
+
+    ``train_stage(k, stage, init_state=..., reset_multipliers=..., fingerprint=...)`` trains stage
+    ``k`` (from 1) and returns ``(model, TrainResult)``; stage ``k > 1`` starts from the previous
+    result's state and its resumable run is fingerprinted with its place in the recipe. The
+    history counts steps from the first stage's start (each row with its ``stage``); the wall time
+    sums the stages' own (including parts done before a resume).
+    """
+    if not stages:
+        raise ValueError("a recipe needs at least one stage")
+    state, model, history, wall = None, None, [], 0.0
+    for k, stage in enumerate(stages, start=1):
+        model, result = train_stage(
+            k,
+            stage,
+            init_state=state,
+            reset_multipliers=stage.reset_multipliers,
+            fingerprint={"stage": k, "stage1_steps": stages[0].steps} if k > 1 else None,
+        )
+        state = result.state
+        offset = history[-1]["step"] if history else 0
+        history += [{**row, "step": row["step"] + offset, "stage": k} for row in result.history]
+        wall += result.history[-1]["wall_s"] if result.history else result.wall_s
+    return model, history, wall
+
 
 RESULTS_DIR = Path(__file__).parent / "results"
 CHECKPOINTS_DIR = RESULTS_DIR / "checkpoints"

@@ -22,8 +22,10 @@ import jax
 from benchmarks.common import (
     CHECKPOINTS_DIR,
     TABLE_METRICS,
+    Stage,
     make_record,
     markdown_table,
+    train_stages,
     write_json,
 )
 from diffecon.baselines import make_baseline
@@ -66,19 +68,7 @@ DEFAULT_PLAN: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class RegretNetStage:
-    """One stage of a RegretNet recipe; each stage continues from the previous one's final state.
-
-    Attributes:
-      config: hyperparameters of this stage.
-      steps: iterations of this stage.
-      reset_multipliers: restart lambda and rho at ``config.lagrange_init`` / ``config.rho_init``.
-    """
-
-    config: RegretNetConfig
-    steps: int
-    reset_multipliers: bool = False
+RegretNetStage = Stage[RegretNetConfig]
 
 
 # Stage 1 is the reference configuration (batch 128, 25 misreport Adam steps at lr 0.1, lambda from
@@ -187,38 +177,32 @@ def _regretnet(setting: Setting, config: RevenueConfig) -> tuple[Any, dict[str, 
         )
     truncated = 0 < config.regretnet_stages < len(stages)
     stages = stages[: config.regretnet_stages] if truncated else stages
-    state, history, train_wall = None, [], 0.0
-    for k, stage in enumerate(stages, start=1):
-        rn_config, steps = stage.config, stage.steps
+
+    def train_stage(k, stage, **continuation):
         run_name = f"regretnet_{setting.name}" + (f"_stage{k}" if k > 1 else "")
         run_name += "_quick" if config.quick else ""
-        model, result = train_regretnet(
+        return train_regretnet(
             setting,
-            rn_config,
+            stage.config,
             TrainConfig(
-                steps=steps,
+                steps=stage.steps,
                 seed=config.seed,
-                steps_per_call=min(100, steps),
-                log_every=min(1000, steps),
-                checkpoint_every=10_000 if steps >= 10_000 else 0,
+                steps_per_call=min(100, stage.steps),
+                log_every=min(1000, stage.steps),
+                checkpoint_every=10_000 if stage.steps >= 10_000 else 0,
                 checkpoint_dir=str(Path(config.runs_dir) / run_name),
                 run_name=run_name,
             ),
-            init_state=state,
-            reset_multipliers=stage.reset_multipliers,
-            fingerprint={"stage": k, "stage1_steps": stages[0].steps} if k > 1 else None,
+            **continuation,
         )
-        state = result.state
-        offset = history[-1]["step"] if history else 0
-        history += [{**row, "step": row["step"] + offset, "stage": k} for row in result.history]
-        # wall time of the whole stage, including parts done before a resume
-        train_wall += result.history[-1]["wall_s"] if result.history else result.wall_s
+
+    model, history, train_wall = train_stages(stages, train_stage)
     if not (config.quick or truncated):
         save_regretnet(
             model,
             ckpt,
             setting=setting,
-            config=rn_config,
+            config=stages[-1].config,
             step=history[-1]["step"],
             extra_meta={"train_wall_s": train_wall, "history": history},
         )
