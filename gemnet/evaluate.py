@@ -133,8 +133,11 @@ def repair_breakdown(
     :class:`~gemnet.RepairedGemNet`. Per sampled profile, over bidders: the revenue change from
     bidders who keep their element but pay its offset (``revenue_change_kept``) and from bidders
     who switch element (``revenue_change_switched``); the share of bidders who switch, and of those
-    who switch to the null element; the offset on the element chosen after repair. Each with its
-    standard error over profiles.
+    who switch to the null element; the offset on the element chosen after repair. The
+    ``..._at_conflicts`` entries count only profiles where the trained menus over-allocate (what
+    the repair must change); the rest of the switches are spill-over of offsets that hold for a
+    whole cell of ``b_-i`` onto profiles that were compatible. Each with its standard error over
+    profiles.
     """
     n = setting.n_bidders
 
@@ -147,12 +150,17 @@ def repair_breakdown(
         change = after.outcome.pay - before.outcome.pay
         null = offsets.shape[-1] - 1
         chosen_offset = jnp.take_along_axis(offsets, after.index[..., None], -1)[..., 0]
+        conflict = jnp.any(jnp.sum(before.outcome.alloc, -2) > 1.0 + 1e-6, -1)[..., None]
         return {
             "revenue_change_kept": jnp.sum(jnp.where(kept, change, 0.0), -1),
             "revenue_change_switched": jnp.sum(jnp.where(kept, 0.0, change), -1),
             "share_switched": jnp.mean(~kept, -1),
             "share_switched_to_null": jnp.mean(~kept & (after.index == null), -1),
             "offset_on_chosen": jnp.sum(chosen_offset, -1) / n,
+            "revenue_change_switched_at_conflicts": jnp.sum(
+                jnp.where(~kept & conflict, change, 0.0), -1
+            ),
+            "share_switched_at_conflicts": jnp.mean(~kept & conflict, -1),
         }
 
     parts: dict[str, list[np.ndarray]] = {}

@@ -446,6 +446,22 @@ def test_repair_breakdown_accounts_for_the_whole_revenue_change(repaired_2x2):
     assert total == pytest.approx(change, abs=1e-5)
     assert 0.0 <= parts["share_switched_to_null"].value <= parts["share_switched"].value <= 1.0
     assert parts["offset_on_chosen"].value >= 0.0
+    # switches at profiles the trained menus over-allocate, counted directly
+    from gemnet.model import choose
+
+    before, after = model(bids), repaired(bids)
+    conflict = np.any(np.sum(np.asarray(before.alloc), axis=-2) > 1.0 + 1e-6, axis=-1)
+    moved = np.asarray(
+        choose(model.menus(bids), bids).index != choose(repaired.menus(bids), bids).index
+    )  # [B, n]
+    assert conflict.any() and (moved & ~conflict[:, None]).any()  # both kinds occur here
+    at = parts["share_switched_at_conflicts"].value
+    assert at <= parts["share_switched"].value
+    assert at == pytest.approx(np.mean(moved & conflict[:, None]), abs=1e-6)
+    switched_pay = np.asarray(after.pay) - np.asarray(before.pay)
+    assert parts["revenue_change_switched_at_conflicts"].value == pytest.approx(
+        np.mean(np.sum(np.where(moved & conflict[:, None], switched_pay, 0.0), -1)), abs=1e-5
+    )
 
 
 def test_repair_with_the_pairwise_test_is_certified_and_never_over_allocates(tiny_2x2):
