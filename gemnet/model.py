@@ -436,7 +436,7 @@ def stacked_affine(x, w, b=None):
     """``x @ w + b`` per bidder: ``x [*batch, n, in]``, ``w [n, in, out]``, ``b [n, out]``.
 
     Computed bidder-major (``[n, batch, in]``: one batched matmul over contiguous rows; on the
-    CPU its gradient is about 1.7x faster than with the bidders in the middle). The network and
+    CPU its gradient is faster than with the bidders in the middle). The network and
     its interval bounds share it, so a degenerate box's bounds are the point's outputs exactly.
     """
     batch = x.shape[:-2]

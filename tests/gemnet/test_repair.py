@@ -35,6 +35,7 @@ from gemnet.milp import (
     solve_cell,
     tighten_prices,
 )
+from gemnet.model import choose
 from gemnet.verify import verify_certificate
 
 FAST = RepairConfig(max_level=3, workers=1, progress=False)
@@ -447,8 +448,6 @@ def test_repair_breakdown_accounts_for_the_whole_revenue_change(repaired_2x2):
     assert 0.0 <= parts["share_switched_to_null"].value <= parts["share_switched"].value <= 1.0
     assert parts["offset_on_chosen"].value >= 0.0
     # switches at profiles the trained menus over-allocate, counted directly
-    from gemnet.model import choose
-
     before, after = model(bids), repaired(bids)
     conflict = np.any(np.sum(np.asarray(before.alloc), axis=-2) > 1.0 + 1e-6, axis=-1)
     moved = np.asarray(
