@@ -117,6 +117,10 @@ class GemNetBenchConfig:
       adversarial_starts: starts of the adversarial over-allocation search.
       max_level: the repair's finest grid (``2^max_level`` cells per coordinate).
       pairwise: the repair's pairwise candidate test (``RepairConfig.pairwise``; 0: off).
+      interpolate: the repaired menus are interpolated between the cells' corners
+        (``RepairConfig.interpolate``) instead of taken at the cells' centres.
+      keep_certificate: write a new certificate that verifies into ``checkpoints_dir`` (off for
+        experiments that must leave the committed one in place).
       workers: MILP processes (0: one per CPU).
       quick: a smoke run (tiny networks and training, small samples; checkpoints under ``out``).
       seed: seeds training and evaluation.
@@ -133,6 +137,8 @@ class GemNetBenchConfig:
     adversarial_starts: int = 4096
     max_level: int = 5
     pairwise: int = 0
+    interpolate: bool = False
+    keep_certificate: bool = True
     workers: int = 0
     quick: bool = False
     seed: int = 0
@@ -332,6 +338,7 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
                         RepairConfig(
                             max_level=config.max_level,
                             pairwise=config.pairwise,
+                            interpolate=config.interpolate,
                             workers=config.workers,
                             progress=not config.quick,
                             time_limit_s=120.0,
@@ -355,7 +362,8 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
         if cert is not None:
             mechanism = RepairedGemNet(model, cert)
             report = verify_certificate(model, setting, cert)
-            if report.ok and not (config.pretrained and not config.repair_pretrained):
+            fresh = not (config.pretrained and not config.repair_pretrained)
+            if report.ok and fresh and config.keep_certificate:
                 save_certificate(cert, cert_dir)  # only a certificate that verifies is kept
             label = "gemnet_repaired"
             extra = {"repair": cert.stats, "verified": report.ok}

@@ -27,6 +27,18 @@ discrete one), so its menus over a box are the finitely many menus of the box's 
 bounds below are their lower and upper envelopes, each cell's prices taken with that cell's
 offsets (a box may then cover cells with different offsets).
 
+With ``interpolated`` (and ``quantized``) the mechanism instead interpolates bidder ``i``'s menu
+multilinearly between the network's menus at the ``2^d`` corners (nodes) of the cell of ``b_-i``
+(``d`` coordinates; node ``q`` of a coordinate is ``float32(cell_lo[q])``, the last one
+``float32(cell_hi[-1])``; the weights use the position in the cell clipped to ``[0, 1]``), so its
+menus are continuous and piecewise multilinear in ``b_-i``. A multilinear function takes its
+extremes over a cell at the cell's corners, so each cell's bounds are the lower and upper
+envelopes of its corners' menus (prices with the cell's offsets), and a box's bounds the
+envelopes over its cells. Relational witnesses (below) then bound each utility affinely over a
+box of one cell in ``b_-i`` by the interpolant's value at the box's centre, the enclosure of its
+Jacobian by the differences along the cell's edges, and a term for the clipping of the inflated
+box to the cell.
+
 On disk the boxes are sorted (lexicographically by ``box_lo``) and, when every size is a power of
 two, stored as row differences of ``box_lo`` in the smallest integer type and ``log2(box_size)``
 (the committed level-7 2x2 certificate, 3.6 million boxes with their offsets, takes 1.2 MB);
@@ -96,6 +108,8 @@ class Certificate:
       quantized: the mechanism computes each bidder's menu at the representative of the cell of
         ``b_-i`` (centre of a continuous cell, the point of a discrete one) instead of at
         ``b_-i`` itself; menus over a box are then bounded by their values at the box's cells.
+      interpolated: with ``quantized``, the menus are interpolated multilinearly between the
+        cell's corners instead of taken at its representative (module docstring).
       activation: the network's hidden nonlinearity (``GemNetConfig.activation``); the verifier
         refuses a model with another one.
       witness_index: ``[W, 5]`` int64 rows ``(box, k0, k1, l0, l1)`` of relational certificates.
@@ -120,6 +134,7 @@ class Certificate:
     box_inflation: float
     bound_splits: int = 1
     quantized: bool = False
+    interpolated: bool = False
     activation: str = "tanh"
     witness_index: np.ndarray = dataclasses.field(
         default_factory=lambda: np.zeros((0, 5), np.int64)
@@ -188,6 +203,7 @@ def save_certificate(certificate: Certificate, directory: str | Path) -> Path:
         "box_inflation": c.box_inflation,
         "bound_splits": c.bound_splits,
         "quantized": c.quantized,
+        "interpolated": c.interpolated,
         "activation": c.activation,
         "stats": c.stats,
     }
@@ -278,6 +294,7 @@ def load_certificate(directory: str | Path) -> Certificate:
             box_inflation=float(meta["box_inflation"]),
             bound_splits=int(meta.get("bound_splits", 1)),
             quantized=bool(meta.get("quantized", False)),
+            interpolated=bool(meta.get("interpolated", False)),
             activation=str(meta.get("activation", "tanh")),
             witness_index=arrays.get("witness_index", np.zeros((0, 5), np.int64)),
             witness_t=arrays.get("witness_t", np.zeros((0,), np.float64)),
@@ -285,6 +302,8 @@ def load_certificate(directory: str | Path) -> Certificate:
         )
     except (OSError, KeyError, TypeError, ValueError, EOFError) as err:
         raise ValueError(f"corrupt or missing certificate in {str(directory)!r}: {err}") from err
+    if cert.interpolated and not cert.quantized:
+        raise ValueError(f"certificate in {str(directory)!r}: interpolated but not quantized")
     k1 = cert.menu_size + 1
     for i in range(n):
         keys, vals = cert.offset_keys[i], cert.offset_values[i]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import math
 import multiprocessing
 import os
@@ -101,6 +102,15 @@ class RepairConfig:
         interval propagation through the network; prices with each cell's offsets, so boxes
         are not refined around offset cells), and on the finest boxes both bidders' menus are
         fixed, so what fails there is a real conflict of the quantized mechanism.
+      interpolate: with ``quantize``, the repaired mechanism interpolates each bidder's menu
+        multilinearly between the network's menus at the corners of the ``max_level`` cell of
+        ``b_-i`` instead of taking it at the cell's centre: the menus are continuous in the
+        others' bids, so the two bidders' choice boundaries can meet as the network's do, where
+        quantized menus step by a cell and the repair must open gaps of about a cell's width
+        with price rises. A cell's menus are bounded by the envelope of its corners' (exact for a
+        multilinear function), and with two additive bidders a finest box that the interval test
+        fails is tried with the relational test on the interpolant's affine bounds (the
+        ``relational`` option) before it is repaired. Needs continuous values.
       utility_tolerance: candidate-set slack, a fraction of the price scale (float32 rounding).
       alloc_tolerance: added to allocation upper bounds.
       box_inflation: boxes are widened by this fraction of a cell per side.
@@ -146,6 +156,7 @@ class RepairConfig:
     max_level: int = 6
     start_level: int = 1
     quantize: bool = True
+    interpolate: bool = False
     utility_tolerance: float = 1e-5
     alloc_tolerance: float = 1e-6
     box_inflation: float = 1e-4
@@ -206,6 +217,14 @@ class _Grid:
         return [
             np.asarray(lo if disc else (lo + hi) / 2.0, np.float32)
             for lo, hi, disc in zip(self.cell_lo, self.cell_hi, self.discrete, strict=True)
+        ]
+
+    def nodes(self) -> list[np.ndarray]:
+        """Per coordinate, the cells' corners (float32): ``cell_lo`` and the last ``cell_hi``.
+        Interpolated menus are computed there."""
+        return [
+            np.asarray(np.concatenate([lo, hi[-1:]]), np.float32)
+            for lo, hi in zip(self.cell_lo, self.cell_hi, strict=True)
         ]
 
     def bounds(self, lo: np.ndarray, size: np.ndarray, inflation: float):
@@ -499,7 +518,14 @@ REL_CANDIDATES = 6  # candidates per bidder the relational test handles (more: t
 REL_CHUNK = 256  # boxes per relational-test batch
 
 
-def _relational_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: int):
+def _relational_fn(
+    model: GemNet,
+    utility_tol: float,
+    alloc_tol: float,
+    splits: int,
+    *,
+    interpolate: bool = False,
+):
     """Two-bidder relational test of boxes that the interval test cannot certify.
 
     The interval test lets each bidder's choice range over its whole candidate set independently;
@@ -517,11 +543,8 @@ def _relational_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: 
     """
     margin = BUILDER_SLACK * utility_tol
 
-    @jax.jit
-    def rel(rlo, rhi, delta):
+    def forms_network(rlo, rhi, delta):
         a_lo, a_top, u_lo, u_hi = _utility_bounds(model, rlo, rhi, alloc_tol, splits)
-        u_lo, u_hi = u_lo - delta, u_hi - delta
-        cand = u_hi >= jnp.max(u_lo, axis=-1, keepdims=True) - margin
         mj = menu_jacobians(model, others_bids(rlo), others_bids(rhi), splits=splits)
         c, w = (rlo + rhi) / 2, (rhi - rlo) / 2  # [B, n, m]
         ow = others_bids(w)
@@ -531,6 +554,20 @@ def _relational_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: 
         d_alpha = jnp.maximum(a_top - mj.alloc, mj.alloc - a_lo)
         r_phi = jnp.einsum("bnm,bnkmd->bnkd", jnp.abs(c), mj.r_alloc) + mj.r_price
         rho = jnp.einsum("bnm,bnkm->bnk", w, d_alpha) + jnp.einsum("bnd,bnkd->bnk", ow, r_phi)
+        return a_top, u_lo - delta, u_hi - delta, affine, g_own, g_oth, rho
+
+    def forms_interp(rlo, rhi, delta, c_alloc, c_price, cell_w):
+        # c_alloc [B, n, 2^d, K+1, m], c_price [B, n, 2^d, K+1]: the menus at the corners of
+        # the box's cell of b_-i (one cell); cell_w [B, n, d] its widths
+        a_lo, a_hi = jnp.min(c_alloc, 2), jnp.max(c_alloc, 2)
+        p_lo, p_hi = jnp.min(c_price, 2), jnp.max(c_price, 2)
+        a_lo, a_top, u_lo, u_hi = _utilities_from_menus(rlo, rhi, a_lo, a_hi, p_lo, p_hi, alloc_tol)
+        forms = _interp_forms(rlo, rhi, delta, c_alloc, c_price, cell_w, a_lo, a_top, jnp)
+        return (a_top, u_lo - delta, u_hi - delta, *forms)
+
+    def farkas(rlo, rhi, a_top, u_lo, u_hi, affine, g_own, g_oth, rho):
+        cand = u_hi >= jnp.max(u_lo, axis=-1, keepdims=True) - margin
+        w = (rhi - rlo) / 2
         grads = (
             jnp.concatenate([g_own[:, 0], g_oth[:, 0]], -1),  # global coordinates (v_0, v_1)
             jnp.concatenate([g_oth[:, 1], g_own[:, 1]], -1),
@@ -589,7 +626,64 @@ def _relational_fn(model: GemNet, utility_tol: float, alloc_tol: float, splits: 
         small = ~many0 & ~many1
         return ok, conflict, k0, k1, pick(l0, li0), pick(l1, li1), t_best, best_phi, small
 
-    return rel
+    if interpolate:
+        return jax.jit(
+            lambda rlo, rhi, delta, *c: farkas(rlo, rhi, *forms_interp(rlo, rhi, delta, *c))
+        )
+    return jax.jit(lambda rlo, rhi, delta: farkas(rlo, rhi, *forms_network(rlo, rhi, delta)))
+
+
+def _interp_forms(rlo, rhi, delta, c_alloc, c_price, cell_w, a_lo, a_top, xp):
+    """Affine bounds of interpolated utilities over boxes of one cell of ``b_-i`` (mean-value
+    form): ``(affine [B, n, K + 1], g_own [B, n, K + 1, m], g_oth [B, n, K + 1, d], rho)`` with
+    ``u(v) <= / >= affine + g . (v - c) +/- rho`` on the box (``c`` its centre).
+
+    The interpolant is multilinear in ``b_-i`` over the cell, so at the box's centre (the cell's
+    centre: boxes are inflated symmetrically) it is the corners' mean, and each partial
+    derivative of ``phi = alloc . c_own - price`` lies between the least and the largest
+    difference along the cell's edges in that coordinate (divided by the width). The inflated box
+    reaches past the cell, where the mechanism clips the position: ``|g_oth| e`` covers that
+    (``e`` the inflation beyond the cell). ``a_lo, a_top`` are the allocations' bounds over the
+    cell, ``xp`` the array module (the builder's jax, numpy in tests)."""
+    b, n = c_price.shape[:2]
+    d = cell_w.shape[-1]
+    c, w = (rlo + rhi) / 2, (rhi - rlo) / 2  # [B, n, m]
+    ow = w[:, ::-1]  # two bidders: each one's b_-i is the other's values
+    alloc = xp.mean(c_alloc, 2)  # [B, n, K+1, m]
+    phi = xp.einsum("bnm,bnckm->bnck", c, c_alloc) - c_price  # [B, n, 2^d, K+1]
+    affine = xp.mean(phi, 2) - delta
+    cube = phi.reshape(b, n, *([2] * d), phi.shape[-1])
+    slopes_lo, slopes_hi = [], []
+    for t in range(d):
+        diff = xp.take(cube, 1, axis=2 + t) - xp.take(cube, 0, axis=2 + t)
+        flat = diff.reshape(b, n, -1, phi.shape[-1])
+        slopes_lo.append(xp.min(flat, 2) / cell_w[..., t : t + 1])
+        slopes_hi.append(xp.max(flat, 2) / cell_w[..., t : t + 1])
+    j_lo, j_hi = xp.stack(slopes_lo, -1), xp.stack(slopes_hi, -1)  # [B, n, K+1, d]
+    g_oth = (j_lo + j_hi) / 2
+    r_phi = (j_hi - j_lo) / 2
+    beyond = xp.maximum(ow - cell_w / 2, 0.0)  # [B, n, d]
+    d_alpha = xp.maximum(a_top - alloc, alloc - a_lo)
+    rho = (
+        xp.einsum("bnm,bnkm->bnk", w, d_alpha)
+        + xp.einsum("bnd,bnkd->bnk", ow, r_phi)
+        + xp.einsum("bnd,bnkd->bnk", beyond, xp.abs(g_oth))
+    )
+    return affine, alloc, g_oth, rho
+
+
+def _corner_envelope(table: tuple[np.ndarray, ...], d: int) -> tuple[np.ndarray, ...]:
+    """Per cell, the envelope ``(min a_lo, max a_hi, min p_lo, max p_hi)`` of the node tables
+    ``[*(cells + 1), ...]`` over the cell's ``2^d`` corners: the exact range of the multilinear
+    interpolant over the cell."""
+    out = []
+    for which, t in enumerate(table):
+        views = [
+            t[tuple(slice(b, b + t.shape[a] - 1) for a, b in enumerate(bits))]
+            for bits in itertools.product((0, 1), repeat=d)
+        ]
+        out.append(np.minimum.reduce(views) if which % 2 == 0 else np.maximum.reduce(views))
+    return tuple(out)
 
 
 class _CellMenus:
@@ -598,27 +692,41 @@ class _CellMenus:
     :func:`gemnet.menu_bounds`), and their exact lower/upper envelope over the aligned dyadic
     blocks of cells that the partition's boxes project to (cached per block shape).
 
+    With ``interpolate`` the menus are interpolated between the cells' corners: a cell's entry is
+    then the envelope of its corners' menus (:func:`_corner_envelope`), and the rest is the same.
+
     With ``priced`` envelopes the prices are those of the repaired mechanism: each cell's menu
     prices plus that cell's offsets, before the envelope is taken. A box whose projection covers
     cells with different offsets is then bounded as tightly as the menus allow, so boxes need not
     be split down to single cells of ``b_-i`` around offset cells."""
 
-    def __init__(self, model: GemNet, grid: _Grid, offsets: list[_Offsets], chunk: int = 16384):
+    def __init__(
+        self,
+        model: GemNet,
+        grid: _Grid,
+        offsets: list[_Offsets],
+        chunk: int = 16384,
+        *,
+        interpolate: bool = False,
+    ):
         self.grid = grid
         self.offsets = offsets
+        self.interpolate = interpolate
         n, m = grid.n, grid.m
-        reps = grid.representatives()
         point = jax.jit(lambda x: menu_bounds(model, x, x))
         self.tables: list[tuple[np.ndarray, ...]] = []
+        # interpolated menus: the menus at the cells' corners (nodes), [*(cells + 1), ...]
+        self.nodes: list[tuple[np.ndarray, ...]] = []
         self.cache: dict[tuple[int, tuple[int, ...], bool], tuple[np.ndarray, ...]] = {}
         self._priced: list[tuple[int, tuple[np.ndarray, np.ndarray]] | None] = [None] * n
+        coords = grid.nodes() if interpolate else grid.representatives()
         for i in range(n):
             dims = grid.others(i)
-            shape = tuple(int(c) for c in grid.cells[dims])
+            shape = tuple(len(coords[d]) for d in dims)
             idx = np.indices(shape).reshape(len(dims), -1).T
-            prof = np.tile(np.asarray([r[0] for r in reps], np.float32), (len(idx), 1))
+            prof = np.tile(np.asarray([r[0] for r in coords], np.float32), (len(idx), 1))
             for t, d in enumerate(dims):
-                prof[:, d] = reps[d][idx[:, t]]
+                prof[:, d] = coords[d][idx[:, t]]
             parts = []
             for s in range(0, len(prof), chunk):
                 x = prof[s : s + chunk]
@@ -627,12 +735,25 @@ class _CellMenus:
                 mb = point(others_bids(xb))
                 got = (mb.alloc[0], mb.alloc[1], mb.price[0], mb.price[1])
                 parts.append([np.asarray(g[: len(x), i]) for g in got])
-            self.tables.append(
-                tuple(
-                    np.concatenate(col).reshape(*shape, *col[0].shape[1:])
-                    for col in zip(*parts, strict=True)
-                )
+            table = tuple(
+                np.concatenate(col).reshape(*shape, *col[0].shape[1:])
+                for col in zip(*parts, strict=True)
             )
+            if interpolate:
+                self.nodes.append(table)
+                table = _corner_envelope(table, len(dims))
+            self.tables.append(table)
+
+    def corners(self, bidder: int, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Interpolated menus of boxes of one cell of ``b_-i`` (``lo [B, D]``): the menus at the
+        cell's ``2^d`` corners, ``alloc [B, 2^d, K + 1, m]`` and ``price [B, 2^d, K + 1]``
+        (midpoints of the point bounds; corner bits in ``itertools.product`` order)."""
+        dims = self.grid.others(bidder)
+        a_lo, a_hi, p_lo, p_hi = self.nodes[bidder]
+        q = lo[:, dims]
+        bits = np.asarray(list(itertools.product((0, 1), repeat=len(dims))), np.int64)
+        idx = tuple(np.moveaxis(q[:, None, :] + bits[None], -1, 0))  # d x [B, 2^d]
+        return (a_lo[idx] + a_hi[idx]) * 0.5, (p_lo[idx] + p_hi[idx]) * 0.5
 
     def _tables(self, bidder: int, priced: bool) -> tuple[np.ndarray, ...]:
         """``(a_lo, a_hi, p_lo, p_hi)`` per cell; ``priced``: prices plus the current offsets,
@@ -705,8 +826,11 @@ class _Checker:
         tols = (config.utility_tolerance * scale, config.alloc_tolerance)
         # (one bidder: the menu is a constant, nothing to quantize)
         self.cell_menus = (
-            _CellMenus(model, grid, offsets) if config.quantize and self.n > 1 else None
+            _CellMenus(model, grid, offsets, interpolate=config.interpolate)
+            if config.quantize and self.n > 1
+            else None
         )
+        self.interpolate = self.cell_menus is not None and config.interpolate
         if self.cell_menus is not None:  # exact envelopes of cell menus: no bound splits
             self.fn = _quantized_bound_fn(*tols, config.pairwise)
             self.fast = None
@@ -717,7 +841,7 @@ class _Checker:
         self.rel = None
         if (
             config.relational
-            and self.cell_menus is None
+            and (self.cell_menus is None or self.interpolate)
             and self.n == 2
             and model.valuation == "additive"
         ):
@@ -726,23 +850,48 @@ class _Checker:
                 config.utility_tolerance * scale,
                 config.alloc_tolerance,
                 effective_splits(config.bound_splits, model),
+                interpolate=self.interpolate,
             )
         self.n_checked = 0
         self.n_relational = 0
 
-    def _relational(self, rlo, rhi, delta):
-        """Run the relational test on rows (padded to fixed shapes); returns numpy outputs."""
+    def _relational(self, rlo, rhi, delta, lo, size):
+        """Run the relational test on rows (padded to fixed shapes); returns numpy outputs.
+
+        Interpolated menus are bounded from the corners of the box's cell of ``b_-i``: a box
+        wider than one cell there is not certified by this test."""
         assert self.rel is not None
         rows, chunk = len(rlo), REL_CHUNK
+        arrays = [rlo, rhi, delta]
+        single = np.ones(rows, bool)
+        if self.interpolate:
+            assert self.cell_menus is not None
+            single = np.all(size == 1, axis=1)
+            corners = [self.cell_menus.corners(i, lo) for i in range(self.n)]
+            c_alloc = np.stack([c[0] for c in corners], 1)  # [rows, n, 2^d, K+1, m]
+            c_price = np.stack([c[1] for c in corners], 1)
+            grid = self.grid
+            widths = np.asarray(
+                [hi[0] - low[0] for low, hi in zip(grid.cell_lo, grid.cell_hi, strict=True)]
+            )
+            d = (self.n - 1) * self.m
+            cell_w = np.stack(
+                [np.broadcast_to(widths[self.grid.others(i)], (rows, d)) for i in range(self.n)], 1
+            )
+            arrays += [c_alloc, c_price, cell_w]
         outs = []
         for s in range(0, rows, chunk):
-            part = [x[s : s + chunk] for x in (rlo, rhi, delta)]
+            part = [x[s : s + chunk] for x in arrays]
             b = len(part[0])
             pad = chunk - b  # one shape: one compilation
             args = [np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge") for x in part]
             out = jax.device_get(self.rel(*(jnp.asarray(a, jnp.float32) for a in args)))
             outs.append([np.asarray(x)[:b] for x in out])
-        return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+        out = [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+        if not np.all(single):
+            out[0] = out[0] & single  # ok
+            out[-1] = out[-1] & single  # small: the MILP gets no relational option there
+        return out
 
     def witnesses(self, lo: np.ndarray, size: np.ndarray):
         """``(index [W, 5], t [W])`` relational witnesses of the boxes the interval test fails."""
@@ -756,7 +905,7 @@ class _Checker:
             delta = self.deltas(lo[rows], size[rows])
             shape = (len(rows), self.n, self.m)
             r_ok, conflict, k0, k1, l0, l1, t, _, _ = self._relational(
-                rlo.reshape(shape), rhi.reshape(shape), delta
+                rlo.reshape(shape), rhi.reshape(shape), delta, lo[rows], size[rows]
             )
             if not np.all(r_ok):
                 raise RepairError(f"{int((~r_ok).sum())} final boxes lost their certificate")
@@ -825,10 +974,14 @@ class _Checker:
             if relational and self.rel is not None and np.all(active > 0) and not details:
                 fail = np.flatnonzero(~out[0])
                 if len(fail):
+                    if self.interpolate:  # exact offsets of finest boxes (the test needs them)
+                        delta = self.deltas(l_, z_)
                     r_ok = self._relational(
                         rlo.reshape(rows, self.n, self.m)[fail],
                         rhi.reshape(rows, self.n, self.m)[fail],
                         delta[fail],
+                        l_[fail],
+                        z_[fail],
                     )[0]
                     out[0] = out[0].copy()
                     out[0][fail] = r_ok
@@ -974,6 +1127,17 @@ class RepairedGemNet(nnx.Module):
         )
         self.n_bidders, self.n_items, self.menu_size = n, m, base.menu_size
         self.quantized = bool(certificate.quantized)
+        self.interpolated = bool(certificate.interpolated)
+        # interpolated menus: the cells' corners per coordinate, float32 as in the repair
+        self.nodes = tuple(
+            tuple(
+                float(x)
+                for x in np.concatenate(
+                    [np.asarray(certificate.cell_lo[d]), np.asarray(certificate.cell_hi[d])[-1:]]
+                ).astype(np.float32)
+            )
+            for d in range(n * m)
+        )
         # the cells' representatives, exactly as the repair computed the quantized menus there
         self.centres = tuple(
             None
@@ -1029,9 +1193,42 @@ class RepairedGemNet(nnx.Module):
             rows.append(jnp.where(found[..., None], values[pos], 0.0))
         return jnp.stack(rows, axis=-2)
 
+    def interpolate(self, bids: Float[Array, "*batch bidders items"]) -> Menus:
+        """Each bidder's menu interpolated multilinearly between the network's menus at the
+        corners of its cell of ``b_-i`` (before offsets; the certificate's ``interpolated``)."""
+        n, m = self.n_bidders, self.n_items
+        flat = bids.reshape(*bids.shape[:-2], n * m)
+        lower, upper, frac = [], [], []
+        for d in range(n * m):
+            nodes = jnp.asarray(self.nodes[d], bids.dtype)
+            q = self._cell_index(flat[..., d], d)
+            lo, hi = nodes[q], nodes[q + 1]
+            lower.append(lo)
+            upper.append(hi)
+            frac.append(jnp.clip((flat[..., d] - lo) / (hi - lo), 0.0, 1.0))
+        allocs, prices = [], []
+        for i in range(n):
+            dims = self.others[i]
+            alloc, price = 0.0, 0.0
+            for bits in itertools.product((0, 1), repeat=len(dims)):
+                cols = [lower[d] for d in range(n * m)]  # own coordinates: any (unused)
+                weight = jnp.ones(bids.shape[:-2], bids.dtype)
+                for bit, d in zip(bits, dims, strict=True):
+                    cols[d] = upper[d] if bit else lower[d]
+                    weight = weight * (frac[d] if bit else 1.0 - frac[d])
+                corner = self.base.menus(jnp.stack(cols, -1).reshape(bids.shape))
+                alloc = alloc + weight[..., None, None] * corner.alloc[..., i, :, :]
+                price = price + weight[..., None] * corner.price[..., i, :]
+            allocs.append(alloc)
+            prices.append(price)
+        return Menus(alloc=jnp.stack(allocs, -3), price=jnp.stack(prices, -2))
+
     def menus(self, bids: Float[Array, "*batch bidders items"]) -> Menus:
         check_bids(bids, n_bidders=self.n_bidders, n_items=self.n_items)
-        base = self.base.menus(self.quantize(bids) if self.quantized else bids)
+        if self.interpolated:
+            base = self.interpolate(bids)
+        else:
+            base = self.base.menus(self.quantize(bids) if self.quantized else bids)
         return Menus(alloc=base.alloc, price=base.price + self.offsets(bids))
 
     def __call__(self, bids: Float[Array, "*batch bidders items"]) -> Outcome:
@@ -1102,6 +1299,13 @@ def repair(
             f"{model.valuation}"
         )
     grid = _make_grid(setting, config.max_level)
+    if config.interpolate and (not config.quantize or any(grid.discrete)):
+        raise ValueError(
+            "RepairConfig.interpolate needs quantize=True and continuous values; "
+            f"{setting.name!r} has discrete coordinates"
+            if config.quantize
+            else "RepairConfig.interpolate needs quantize=True (it interpolates the cell menus)"
+        )
     expected = (tuple(map(float, setting.low.ravel())), tuple(map(float, setting.high.ravel())))
     if (model.low, model.high) != expected:
         raise ValueError(f"the GemNet was built for another support than {setting.name!r}'s")
@@ -1156,6 +1360,7 @@ def repair(
         wall_s=round(time.perf_counter() - t0, 3),
         max_level=config.max_level,
         pairwise=config.pairwise,
+        interpolate=checker.interpolate,
     )
     cert = Certificate(
         setting=setting.name,
@@ -1175,6 +1380,7 @@ def repair(
         box_inflation=config.box_inflation,
         bound_splits=effective_splits(config.bound_splits, model),
         quantized=checker.cell_menus is not None,
+        interpolated=checker.interpolate,
         activation=model.activation,
         witness_index=witness_index,
         witness_t=witness_t,
@@ -1539,7 +1745,7 @@ def _relational_rows(i, lo, size, checker) -> dict[str, Any]:
     delta[:, i] = 0.0
     shape = (len(lo), checker.n, checker.m)
     _, conflict, k0, k1, l0, l1, t, phi, small = checker._relational(
-        rlo.reshape(shape), rhi.reshape(shape), delta
+        rlo.reshape(shape), rhi.reshape(shape), delta, lo, size
     )
     margin = 2 * BUILDER_SLACK * checker.config.utility_tolerance * checker.scale
     b, a, c = np.nonzero(conflict)

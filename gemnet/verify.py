@@ -48,6 +48,7 @@ certificate's semantics, checked as stated.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 
@@ -1011,6 +1012,14 @@ class _Compatibility:
             for d in range(len(support))
         ]
         self._points: dict[int, tuple[np.ndarray, ...]] = {}
+        # Interpolated menus: multilinear between the menus at the cells' corners (nodes),
+        # float32(cell_lo) and float32(cell_hi[-1]) of the certificate's cells.
+        self.interpolated = self.quantized and bool(getattr(cert, "interpolated", False))
+        self.nodes = [
+            np.concatenate([np.asarray(lo), np.asarray(hi)[-1:]]).astype(np.float32).astype(float)
+            for lo, hi in zip(cert.cell_lo, cert.cell_hi, strict=True)
+        ]
+        self._corner_menus: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.witness_index = np.asarray(
             getattr(cert, "witness_index", np.zeros((0, 5))), np.int64
         ).reshape(-1, 5)
@@ -1051,6 +1060,7 @@ class _Compatibility:
             sel = np.concatenate([np.zeros(0, np.int64), *spans]).astype(np.int64)
             local = np.searchsorted(part, self.witness_index[sel, 0])  # rows are sorted
             affine, cand, a_top = [], [], []
+            one_cell = np.ones(len(part), bool)  # interpolated menus: boxes of one cell only
             v_lo, v_hi = self.extent(lo, size, list(range(2 * m)))
             half = (v_hi - v_lo) * 0.5
             for i in range(2):
@@ -1060,23 +1070,37 @@ class _Compatibility:
                 inv, a_lo, a_hi, _, _, o_lo, o_hi = self._bidder_bounds(i, lo, size)
                 top = np.where(a_hi > 0.0, np.minimum(a_hi + self.alloc_tolerance, 1.0), 0.0)
                 x_lo, x_hi = self.extent(lo[:, dims], size[:, dims], dims)
-                alloc, price, d_a, d_p, r_a, r_p = self.net.jacobian(
-                    i, x_lo, x_hi, self.bound_splits
-                )
                 c_own = (v_lo[:, own] + v_hi[:, own]) * 0.5
                 w_own, w_oth = half[:, own], (x_hi - x_lo) * 0.5
-                base = np.einsum("bm,bkm->bk", c_own, alloc) - price
+                if self.interpolated:
+                    # the corners' prices come without offsets: add the box's cell's own
+                    o_lo, o_hi = self.tables[i].ranges(lo[:, dims], size[:, dims])
+                    inv_o = np.arange(len(part))
+                    alloc, base, g_oth, r_phi, beyond, single = self._interpolated_jacobian(
+                        i, lo, size, c_own, x_lo, x_hi
+                    )
+                    extra = np.einsum("bd,bkd->bk", beyond, np.abs(g_oth))
+                    one_cell &= single
+                else:
+                    inv_o = inv
+                    alloc, price, d_a, d_p, r_a, r_p = self.net.jacobian(
+                        i, x_lo, x_hi, self.bound_splits
+                    )
+                    base = np.einsum("bm,bkm->bk", c_own, alloc) - price
+                    g_oth = np.einsum("bm,bkmd->bkd", c_own, d_a) - d_p
+                    r_phi = np.einsum("bm,bkmd->bkd", np.abs(c_own), r_a) + r_p
+                    extra = 0.0
                 g_own = alloc
-                g_oth = np.einsum("bm,bkmd->bkd", c_own, d_a) - d_p
                 d_alpha = np.maximum(top[inv] - alloc, alloc - a_lo[inv])
-                r_phi = np.einsum("bm,bkmd->bkd", np.abs(c_own), r_a) + r_p
-                rho = np.einsum("bm,bkm->bk", w_own, d_alpha) + np.einsum(
-                    "bd,bkd->bk", w_oth, r_phi
+                rho = (
+                    np.einsum("bm,bkm->bk", w_own, d_alpha)
+                    + np.einsum("bd,bkd->bk", w_oth, r_phi)
+                    + extra
                 )
                 zeros = np.zeros((len(part), 1))
                 # element K (null): utility exactly -offset, no slope, no remainder
-                upper = np.concatenate([base - o_lo[inv, :k], -o_lo[inv, k:]], 1)
-                lower = np.concatenate([base - o_hi[inv, :k], -o_hi[inv, k:]], 1)
+                upper = np.concatenate([base - o_lo[inv_o, :k], -o_lo[inv_o, k:]], 1)
+                lower = np.concatenate([base - o_hi[inv_o, :k], -o_hi[inv_o, k:]], 1)
                 rho = np.concatenate([rho, zeros], 1)
                 # slopes in the global coordinates (v_0, v_1)
                 grad = np.concatenate([g_own, g_oth] if i == 0 else [g_oth, g_own], -1)
@@ -1118,7 +1142,7 @@ class _Compatibility:
             rb, r0, r1 = np.nonzero(need)
             required = (rb * k1 + r0) * k1 + r1
             missing = ~np.isin(required, have)
-            ok = np.ones(len(part), bool)
+            ok = one_cell.copy()
             ok[rb[missing]] = False
             out[s : s + step] = ok
         return out
@@ -1158,23 +1182,97 @@ class _Compatibility:
     def _point_menus(self, bidder: int) -> tuple[np.ndarray, ...]:
         """Bounds of ``bidder``'s menu at the representative of every cell of ``b_-i`` (rows in
         row-major cell order), each a degenerate box, with the cell's offsets added to the
-        prices of the learned elements."""
+        prices of the learned elements. Interpolated menus: the envelope of the menus at the
+        cell's corners instead (a multilinear function's extremes over a cell are at corners)."""
         if bidder not in self._points:
             dims = self.others[bidder]
             n_cells = math.prod(self.cells[d] for d in dims)
-            idx = np.indices([self.cells[d] for d in dims]).reshape(len(dims), -1).T
-            x = np.stack([self.reps[d][idx[:, t]] for t, d in enumerate(dims)], axis=1)
-            got = [
-                self.net.bounds(bidder, x[s : s + 8192], x[s : s + 8192])
-                for s in range(0, len(x), 8192)
-            ]
-            a_lo, a_hi, pr_lo, pr_hi = (np.concatenate(c) for c in zip(*got, strict=True))
+            if self.interpolated:
+                a_lo, a_hi, pr_lo, pr_hi = self._corner_envelope(bidder)
+            else:
+                idx = np.indices([self.cells[d] for d in dims]).reshape(len(dims), -1).T
+                x = np.stack([self.reps[d][idx[:, t]] for t, d in enumerate(dims)], axis=1)
+                a_lo, a_hi, pr_lo, pr_hi = self._menus_at(bidder, x)
             table = self.tables[bidder]
             offsets = np.zeros((n_cells, table.values.shape[1]))
             offsets[table.keys] = table.values  # keys are row-major cell indices
             k = pr_lo.shape[1]
             self._points[bidder] = (a_lo, a_hi, pr_lo + offsets[:, :k], pr_hi + offsets[:, :k])
         return self._points[bidder]
+
+    def _menus_at(self, bidder: int, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Point bounds of ``bidder``'s learned elements at the rows of ``x`` (``b_-i``)."""
+        got = [
+            self.net.bounds(bidder, x[s : s + 8192], x[s : s + 8192])
+            for s in range(0, len(x), 8192)
+        ]
+        return tuple(np.concatenate(c) for c in zip(*got, strict=True))
+
+    def _node_menus(self, bidder: int) -> tuple[np.ndarray, ...]:
+        """Point bounds at every node of ``b_-i``, ``[*(cells + 1), ...]``."""
+        dims = self.others[bidder]
+        shape = [self.cells[d] + 1 for d in dims]
+        idx = np.indices(shape).reshape(len(dims), -1).T
+        x = np.stack([self.nodes[d][idx[:, t]] for t, d in enumerate(dims)], axis=1)
+        return tuple(t.reshape(*shape, *t.shape[1:]) for t in self._menus_at(bidder, x))
+
+    def _corner_envelope(self, bidder: int) -> tuple[np.ndarray, ...]:
+        """Per cell (row-major), the envelope of the node menus over the cell's corners; keeps
+        the corners' menus (midpoints of the point bounds) for the relational check."""
+        dims = self.others[bidder]
+        tables = self._node_menus(bidder)
+        a_lo, a_hi, pr_lo, pr_hi = tables
+        self._corner_menus[bidder] = ((a_lo + a_hi) * 0.5, (pr_lo + pr_hi) * 0.5)
+        out = []
+        for which, t in enumerate(tables):
+            best = None
+            for bits in itertools.product((0, 1), repeat=len(dims)):
+                cut = tuple(slice(b, b + self.cells[d]) for b, d in zip(bits, dims, strict=True))
+                view = t[cut]
+                if best is None:
+                    best = view
+                else:
+                    best = np.minimum(best, view) if which % 2 == 0 else np.maximum(best, view)
+            assert best is not None
+            out.append(best.reshape(-1, *t.shape[len(dims) :]))
+        return tuple(out)
+
+    def _interpolated_jacobian(self, bidder: int, lo, size, c_own, x_lo, x_hi):
+        """For boxes of one cell of ``b_-i``: the interpolated menu's allocations at the box's
+        centre, ``phi = c_own . alloc - price`` there, and the slope ``g`` of ``phi`` in ``b_-i``
+        with its radius ``r`` over the cell (from the differences along the cell's edges) and
+        the clipping term ``beyond``: ``phi(x) - phi(c)`` lies within ``g (x - c) +/- (r |x - c|
+        + |g| beyond)`` on the box. Returns ``(alloc, phi, g, r, beyond, single)``; ``single``
+        marks the boxes of one cell (the others are not certified this way)."""
+        dims = self.others[bidder]
+        self._point_menus(bidder)  # fills the corner menus
+        c_alloc, c_price = self._corner_menus[bidder]
+        q = lo[:, dims]
+        single = np.all(size[:, dims] == 1, axis=1)
+        node_lo = np.stack([self.nodes[d][q[:, t]] for t, d in enumerate(dims)], 1)
+        node_hi = np.stack([self.nodes[d][q[:, t] + 1] for t, d in enumerate(dims)], 1)
+        width = node_hi - node_lo
+        centre = (x_lo + x_hi) * 0.5
+        single &= np.all((centre >= node_lo) & (centre <= node_hi), axis=1)
+        pos = np.clip((centre - node_lo) / width, 0.0, 1.0)
+        bits = np.asarray(list(itertools.product((0, 1), repeat=len(dims))), np.int64)
+        corner = tuple(np.moveaxis(q[:, None, :] + bits[None], -1, 0))
+        ca, cp = c_alloc[corner], c_price[corner]  # [B, 2^d, K, m], [B, 2^d, K]
+        weight = np.prod(np.where(bits[None] == 1, pos[:, None, :], 1.0 - pos[:, None, :]), -1)
+        alloc = np.einsum("bc,bckm->bkm", weight, ca)
+        phi_c = np.einsum("bm,bckm->bck", c_own, ca) - cp
+        phi = np.einsum("bc,bck->bk", weight, phi_c)
+        g = np.empty((*phi.shape, len(dims)))
+        r = np.empty_like(g)
+        for t in range(len(dims)):
+            up = np.flatnonzero(bits[:, t] == 1)
+            down = up - (1 << (len(dims) - 1 - t))  # the same corner with bit t cleared
+            diff = (phi_c[:, up] - phi_c[:, down]) / width[:, t][:, None, None]
+            lo_t, hi_t = diff.min(axis=1), diff.max(axis=1)
+            g[..., t] = (lo_t + hi_t) * 0.5
+            r[..., t] = (hi_t - lo_t) * 0.5
+        beyond = np.maximum(np.maximum(node_lo - x_lo, x_hi - node_hi), 0.0)
+        return alloc, phi, g, r, beyond, single
 
     def _cell_envelope(self, bidder: int, p_lo: np.ndarray, p_size: np.ndarray):
         """Lower/upper envelopes of the quantized menus (prices with offsets) over the cells of
@@ -1328,8 +1426,9 @@ class _Compatibility:
             self._fill_use(use, box_lo, box_size, [bad] * n, chunk, pairwise=True)
             total = use.sum(axis=0)
             bad = np.flatnonzero(np.any(total > 1.0, axis=1))
-        # (witnesses bound the network between cells: they say nothing about quantized menus)
-        if len(bad) and len(self.witness_t) and not self.quantized:
+        # (witnesses bound the network between cells: they say nothing about quantized menus,
+        # except interpolated ones)
+        if len(bad) and len(self.witness_t) and (self.interpolated or not self.quantized):
             bad = bad[~self.relational(bad, box_lo, box_size, chunk)]
         all_dims = list(range(n * m))
         for r in bad.tolist():
@@ -1491,6 +1590,14 @@ def verify_certificate(
     ran.add("compatibility")
     if not (grid_usable and boxes_usable and in_range and offsets_usable):
         fail.add("compatibility", "not checked: malformed grid, boxes or offsets")
+        return finish()
+    if getattr(certificate, "interpolated", False) and (
+        not getattr(certificate, "quantized", False) or any(certificate.discrete)
+    ):
+        fail.add(
+            "compatibility",
+            "interpolated menus need quantized menus and continuous coordinates only",
+        )
         return finish()
     checker = _Compatibility(
         model,

@@ -32,3 +32,12 @@ def repaired_2x2_continuous(tiny_2x2):
     config = RepairConfig(max_level=3, workers=1, progress=False, quantize=False)
     repaired, cert = repair(model, setting, config)
     return setting, model, repaired, cert
+
+
+@pytest.fixture(scope="session")
+def repaired_2x2_interpolated(tiny_2x2):
+    """The same network repaired with menus interpolated between the cells' corners."""
+    setting, model = tiny_2x2
+    config = RepairConfig(max_level=3, workers=1, progress=False, interpolate=True)
+    repaired, cert = repair(model, setting, config)
+    return setting, model, repaired, cert

@@ -1,4 +1,5 @@
 import dataclasses
+import importlib
 import itertools
 import math
 
@@ -515,3 +516,93 @@ def test_quantized_boxes_may_span_cells_with_different_offsets(repaired_2x2):
     )
     alloc = repaired(bids).alloc
     assert float(jnp.max(jnp.sum(alloc, axis=-2))) <= 1.0 + 1e-6
+
+
+def test_interpolated_repair_is_certified_and_never_over_allocates(repaired_2x2_interpolated):
+    setting, model, repaired, cert = repaired_2x2_interpolated
+    assert cert.quantized and cert.interpolated and repaired.interpolated
+    report = verify_certificate(model, setting, cert)
+    assert report.ok, report.failures
+    est = evaluate(repaired, setting, n_samples=50_000, key=jax.random.key(11))
+    assert est["over_allocation_rate"].value == 0.0
+    bids = setting.sample(jax.random.key(12), (50_000,))
+    assert float(jnp.max(jnp.sum(repaired(bids).alloc, axis=-2))) <= 1.0 + 1e-6
+    check_mechanism(repaired, setting)
+
+
+def test_interpolated_menus_meet_the_network_at_nodes_and_are_continuous(
+    repaired_2x2_interpolated,
+):
+    _, model, repaired, cert = repaired_2x2_interpolated
+    cells = len(cert.cell_lo[0])
+    rng = np.random.default_rng(0)
+    # at the corners of the cells the interpolant is the network's menu
+    nodes = jnp.asarray(rng.integers(0, cells + 1, (256, 2, 2)) / cells, jnp.float32)
+    got, want = repaired.interpolate(nodes), model.menus(nodes)
+    np.testing.assert_allclose(got.alloc, want.alloc, atol=1e-6)
+    np.testing.assert_allclose(got.price, want.price, atol=1e-6)
+    # across an inner cell boundary the menus do not jump (quantized menus would)
+    edge = rng.integers(1, cells, 256) / cells
+    bids = jnp.asarray(rng.uniform(size=(256, 2, 2)), jnp.float32)
+    below = bids.at[:, 1, 0].set(jnp.asarray(edge - 1e-6, jnp.float32))
+    above = bids.at[:, 1, 0].set(jnp.asarray(edge + 1e-6, jnp.float32))
+    a, b = repaired.interpolate(below), repaired.interpolate(above)
+    np.testing.assert_allclose(a.price[:, 0], b.price[:, 0], atol=1e-3)
+    # strategy-proof: bidder 0's menu (offsets included) ignores its own bid, bit for bit
+    moved = bids.at[:, 0].set(jnp.asarray(rng.uniform(size=(256, 2)), jnp.float32))
+    m1, m2 = repaired.menus(bids), repaired.menus(moved)
+    np.testing.assert_array_equal(m1.alloc[:, 0], m2.alloc[:, 0])
+    np.testing.assert_array_equal(m1.price[:, 0], m2.price[:, 0])
+
+
+def test_interpolated_affine_bounds_contain_sampled_utilities(repaired_2x2_interpolated):
+    # The relational test's bounds of every utility over a finest box: the value at the centre,
+    # the slopes, and the remainder rho (which covers the clipping to the cell) hold for sampled
+    # profiles of the inflated box, computed by the mechanism itself.
+    setting, model, repaired, _ = repaired_2x2_interpolated
+
+    rep = importlib.import_module("gemnet.repair")
+    grid = rep._make_grid(setting, 3)
+    offsets = [rep._Offsets(grid, i, model.menu_size + 1) for i in range(2)]
+    config = RepairConfig(max_level=3, progress=False, interpolate=True)
+    menus = rep._CellMenus(model, grid, offsets, interpolate=True)
+    rng = np.random.default_rng(1)
+    lo = rng.integers(0, 8, (32, 4))
+    size = np.ones_like(lo)
+    inflation = 0.01  # wider than the repair's, so that clipping matters
+    rlo, rhi = grid.bounds(lo, size, inflation)
+    rlo, rhi = rlo.reshape(-1, 2, 2), rhi.reshape(-1, 2, 2)
+    corners = [menus.corners(i, lo) for i in range(2)]
+    c_alloc = np.stack([c[0] for c in corners], 1).astype(np.float64)
+    c_price = np.stack([c[1] for c in corners], 1).astype(np.float64)
+    cell_w = np.full((len(lo), 2, 2), 1 / 8)
+    a_lo, a_hi = c_alloc.min(2), c_alloc.max(2)
+    a_top = rep._alloc_top(a_hi, config.alloc_tolerance, np)
+    delta = np.zeros((len(lo), 2, model.menu_size + 1))
+    affine, g_own, g_oth, rho = rep._interp_forms(
+        rlo, rhi, delta, c_alloc, c_price, cell_w, a_lo, a_top, np
+    )
+    u = rng.uniform(size=(64, *rlo.shape))
+    v = rlo + (rhi - rlo) * u  # [S, B, 2, 2]
+    m = repaired.interpolate(jnp.asarray(v.reshape(-1, 2, 2), jnp.float32))
+    alloc = np.asarray(m.alloc, np.float64).reshape(*v.shape[:2], 2, -1, 2)
+    price = np.asarray(m.price, np.float64).reshape(*v.shape[:2], 2, -1)
+    util = np.einsum("sbnm,sbnkm->sbnk", v, alloc) - price
+    c = (rlo + rhi) / 2
+    dv = v - c  # [S, B, n, m]
+    pred = (
+        affine
+        + np.einsum("sbnm,bnkm->sbnk", dv, g_own)
+        + np.einsum("sbnd,bnkd->sbnk", dv[:, :, ::-1], g_oth)
+    )
+    assert np.all(np.abs(util - pred) <= rho + 1e-5)
+
+
+def test_interpolation_needs_quantized_menus_and_continuous_values(tiny_2x2):
+    setting, model = tiny_2x2
+    with pytest.raises(ValueError, match="quantize=True"):
+        repair(model, setting, dataclasses.replace(FAST, interpolate=True, quantize=False))
+    yao = get_setting("yao_2x2_discrete_37")
+    net = GemNet.for_setting(yao, GemNetConfig(menu_size=4, hidden=8), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="discrete"):
+        repair(net, yao, dataclasses.replace(FAST, interpolate=True))

@@ -711,3 +711,37 @@ def test_pairwise_candidates_hold_every_sampled_choice_and_are_fewer(tiny_2x2):
         assert np.all(np.take_along_axis(cand, picked[:, :, i].T, 1))
         fewer += int(interval.cand.sum() - pairwise.cand.sum())
     assert fewer > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Interpolated menus: multilinear between the cells' corners, relational witnesses per cell.
+
+
+def test_interpolated_certificate_roundtrips_and_its_witnesses_are_checked(
+    tmp_path, repaired_2x2_interpolated
+):
+    setting, model, _, cert = repaired_2x2_interpolated
+    loaded = load_certificate(save_certificate(cert, tmp_path / "cert"))
+    assert loaded.interpolated and verify_certificate(model, setting, loaded).ok
+    boxes = np.unique(cert.witness_index[:, 0])
+    assert len(boxes) > 0 and cert.stats["relational_boxes"] == len(boxes)
+    # without its witnesses each relational box is uncertified
+    bare = dataclasses.replace(
+        cert, witness_index=cert.witness_index[:0], witness_t=cert.witness_t[:0]
+    )
+    report = verify_certificate(model, setting, bare)
+    assert _failed(report) == {"compatibility"} and report.n_uncertified == len(boxes)
+    # the same witnesses say nothing about menus taken at the cells' centres
+    centres = dataclasses.replace(cert, interpolated=False)
+    assert not verify_certificate(model, setting, centres).ok
+    # interpolation is only defined for quantized menus
+    report = verify_certificate(model, setting, dataclasses.replace(cert, quantized=False))
+    assert "compatibility" in _failed(report)
+
+
+def test_interpolated_offsets_are_needed(repaired_2x2_interpolated):
+    setting, model, _, cert = repaired_2x2_interpolated
+    assert sum(len(k) for k in cert.offset_keys) > 0
+    zero = tuple(np.zeros_like(v) for v in cert.offset_values)
+    report = verify_certificate(model, setting, dataclasses.replace(cert, offset_values=zero))
+    assert not report.ok and report.n_uncertified > 0
