@@ -1219,7 +1219,9 @@ class RepairedGemNet(nnx.Module):
                 corner = self.base.menus(jnp.stack(cols, -1).reshape(bids.shape))
                 alloc = alloc + weight[..., None, None] * corner.alloc[..., i, :, :]
                 price = price + weight[..., None] * corner.price[..., i, :]
-            allocs.append(alloc)
+            # a convex combination of allocations in [0, 1], up to float32 rounding: clip it, so
+            # that one bidder never takes more than 1 (the certificate relies on that)
+            allocs.append(jnp.clip(alloc, 0.0, 1.0))
             prices.append(price)
         return Menus(alloc=jnp.stack(allocs, -3), price=jnp.stack(prices, -2))
 

@@ -18,26 +18,25 @@ def tiny_2x2():
     return setting, model
 
 
+def _repaired(tiny, **options):
+    setting, model = tiny
+    config = RepairConfig(max_level=3, workers=1, progress=False, **options)
+    repaired, cert = repair(model, setting, config)
+    return setting, model, repaired, cert
+
+
 @pytest.fixture(scope="session")
 def repaired_2x2(tiny_2x2):
-    setting, model = tiny_2x2
-    repaired, cert = repair(model, setting, RepairConfig(max_level=3, workers=1, progress=False))
-    return setting, model, repaired, cert
+    return _repaired(tiny_2x2)
 
 
 @pytest.fixture(scope="session")
 def repaired_2x2_continuous(tiny_2x2):
     """The same network repaired without quantized menus (interval and relational tests)."""
-    setting, model = tiny_2x2
-    config = RepairConfig(max_level=3, workers=1, progress=False, quantize=False)
-    repaired, cert = repair(model, setting, config)
-    return setting, model, repaired, cert
+    return _repaired(tiny_2x2, quantize=False)
 
 
 @pytest.fixture(scope="session")
 def repaired_2x2_interpolated(tiny_2x2):
     """The same network repaired with menus interpolated between the cells' corners."""
-    setting, model = tiny_2x2
-    config = RepairConfig(max_level=3, workers=1, progress=False, interpolate=True)
-    repaired, cert = repair(model, setting, config)
-    return setting, model, repaired, cert
+    return _repaired(tiny_2x2, interpolate=True)

@@ -527,6 +527,9 @@ def test_interpolated_repair_is_certified_and_never_over_allocates(repaired_2x2_
     assert est["over_allocation_rate"].value == 0.0
     bids = setting.sample(jax.random.key(12), (50_000,))
     assert float(jnp.max(jnp.sum(repaired(bids).alloc, axis=-2))) <= 1.0 + 1e-6
+    # interpolated allocations never leave [0, 1], not even by float32 rounding
+    alloc = repaired.interpolate(bids).alloc
+    assert float(jnp.max(alloc)) <= 1.0 and float(jnp.min(alloc)) >= 0.0
     check_mechanism(repaired, setting)
 
 
