@@ -1087,7 +1087,9 @@ class RepairedGemNet(nnx.Module):
 
     ``model(bids [*batch, bidders, items]) -> Outcome``; ``model.menus(bids)`` as for GemNet.
     Offsets are non-negative and depend on the others' bids only, so the mechanism stays
-    strategy-proof; the certificate says it is also compatible on the whole support.
+    strategy-proof; the certificate says it is also compatible on the whole support. With a
+    quantized certificate the network's menus are taken at the centre of the cell of ``b_-i``,
+    with an interpolated one interpolated between the cell's corners (:meth:`interpolate`).
     """
 
     def __init__(self, base: GemNet, certificate: Certificate):
