@@ -1303,12 +1303,12 @@ def repair(
             f"{model.valuation}"
         )
     grid = _make_grid(setting, config.max_level)
-    if config.interpolate and (not config.quantize or any(grid.discrete)):
+    if config.interpolate and not config.quantize:
+        raise ValueError("RepairConfig.interpolate needs quantize=True (it interpolates cells)")
+    if config.interpolate and any(grid.discrete):
         raise ValueError(
-            "RepairConfig.interpolate needs quantize=True and continuous values; "
-            f"{setting.name!r} has discrete coordinates"
-            if config.quantize
-            else "RepairConfig.interpolate needs quantize=True (it interpolates the cell menus)"
+            f"RepairConfig.interpolate needs continuous values; {setting.name!r} has discrete "
+            "coordinates"
         )
     expected = (tuple(map(float, setting.low.ravel())), tuple(map(float, setting.high.ravel())))
     if (model.low, model.high) != expected:

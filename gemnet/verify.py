@@ -1223,18 +1223,14 @@ class _Compatibility:
         tables = self._node_menus(bidder)
         a_lo, a_hi, pr_lo, pr_hi = tables
         self._corner_menus[bidder] = ((a_lo + a_hi) * 0.5, (pr_lo + pr_hi) * 0.5)
+        cuts = [
+            tuple(slice(b, b + self.cells[d]) for b, d in zip(bits, dims, strict=True))
+            for bits in itertools.product((0, 1), repeat=len(dims))
+        ]
         out = []
         for which, t in enumerate(tables):
-            best = None
-            for bits in itertools.product((0, 1), repeat=len(dims)):
-                cut = tuple(slice(b, b + self.cells[d]) for b, d in zip(bits, dims, strict=True))
-                view = t[cut]
-                if best is None:
-                    best = view
-                else:
-                    best = np.minimum(best, view) if which % 2 == 0 else np.maximum(best, view)
-            assert best is not None
-            out.append(best.reshape(-1, *t.shape[len(dims) :]))
+            reduce = np.minimum.reduce if which % 2 == 0 else np.maximum.reduce
+            out.append(reduce([t[cut] for cut in cuts]).reshape(-1, *t.shape[len(dims) :]))
         return tuple(out)
 
     def _interpolated_jacobian(self, bidder: int, lo, size, c_own, x_lo, x_hi):
