@@ -116,6 +116,7 @@ class GemNetBenchConfig:
       regret_profiles: profiles searched for regret.
       adversarial_starts: starts of the adversarial over-allocation search.
       max_level: the repair's finest grid (``2^max_level`` cells per coordinate).
+      max_boxes: the repair gives up beyond this many pending boxes (``RepairConfig.max_boxes``).
       pairwise: the repair's pairwise candidate test (``RepairConfig.pairwise``; 0: off).
       interpolate: the repaired menus are interpolated between the cells' corners
         (``RepairConfig.interpolate``) instead of taken at the cells' centres.
@@ -136,6 +137,7 @@ class GemNetBenchConfig:
     regret_profiles: int = 200
     adversarial_starts: int = 4096
     max_level: int = 5
+    max_boxes: int = RepairConfig.max_boxes
     pairwise: int = 0
     interpolate: bool = False
     keep_certificate: bool = True
@@ -337,6 +339,7 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
                         setting,
                         RepairConfig(
                             max_level=config.max_level,
+                            max_boxes=config.max_boxes,
                             pairwise=config.pairwise,
                             interpolate=config.interpolate,
                             workers=config.workers,
