@@ -67,8 +67,16 @@ RECIPES: dict[str, tuple[GemNetStage, ...]] = {
     "unit_1x2_uniform_23": (GemNetStage(_ROCHETNET, 4000),),
     "additive_1x2_uniform_416_47": (GemNetStage(_ROCHETNET, 4000),),
     # ReLU: piecewise-linear prices in b_-i (as an affine maximiser's are) train to more revenue.
-    # 64 elements train faster than 128 and certify as high (README).
-    "additive_2x2_uniform": (GemNetStage(_RELU_2X2, 12_000),),
+    # 64 elements train faster than 128 and certify as high (README). The first stage imitates
+    # the fitted AMA (compatible menus at the AMA's revenue); the second trains for revenue from
+    # there, its soft choice starting as sharp as the imitation's.
+    "additive_2x2_uniform": (
+        GemNetStage(
+            dataclasses.replace(_RELU_2X2, imitate="ama", kappa_init=200.0, kappa_final=200.0),
+            3000,
+        ),
+        GemNetStage(dataclasses.replace(_RELU_2X2, kappa_init=200.0), 12_000),
+    ),
     "additive_2x3_uniform": (GemNetStage(_TANH_128, 10_000),),
     "additive_3x3_uniform": (GemNetStage(_TANH_128, 6000),),
     # 30 coordinates: the repair's grid cannot hold the profile space (reported, not run). 64

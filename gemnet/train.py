@@ -23,7 +23,9 @@ import optax
 from flax import nnx, struct
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from diffecon.baselines import fit_affine_maximizer
 from diffecon.distributions import Discrete, IndependentValues
+from diffecon.outcome import Mechanism
 from diffecon.settings import Setting
 from diffecon.training import (
     TrainConfig,
@@ -57,6 +59,9 @@ __all__ = [
 ]
 
 
+IMITATE = ("", "ama", "vvca")
+
+
 @dataclasses.dataclass(frozen=True)
 class GemNetTrainConfig:
     """GemNet's training hyperparameters.
@@ -78,6 +83,12 @@ class GemNetTrainConfig:
         ``b_-i`` on a grid of ``2^quantize_level`` cells per continuous coordinate (discrete ones
         are kept), so the penalty sees the conflicts of the quantized menus (those the repair
         must remove) during training.
+      imitate: ``""`` (train for revenue), or ``"ama"``/``"vvca"``: an imitation stage that fits
+        the soft choice's outcome (allocations and payments, squared error) to a teacher's, the
+        affine maximiser of that kind fitted by :func:`diffecon.fit_affine_maximizer` (or the
+        ``teacher`` given to :func:`train_gemnet`). An affine maximiser is a strategy-proof menu
+        mechanism whose menus never over-allocate, so a later revenue stage starts from
+        compatible menus at the teacher's revenue instead of from random ones.
       penalty: what the incompatibility measures. ``"point"``: the soft choices at the sampled
         profile (:func:`incompatibility`). ``"box"`` (needs ``quantize_level``): the repair's own
         test on the finest box around the profile, softened (:func:`box_incompatibility`): each
@@ -99,8 +110,11 @@ class GemNetTrainConfig:
     margin: float = 0.0
     quantize_level: int = 0
     penalty: str = "point"
+    imitate: str = ""
 
     def __post_init__(self):
+        if self.imitate not in IMITATE:
+            raise ValueError(f"imitate must be one of {IMITATE}, got {self.imitate!r}")
         if self.penalty not in ("point", "box"):
             raise ValueError(f"penalty must be 'point' or 'box', got {self.penalty!r}")
         if self.penalty == "box" and self.quantize_level <= 0:
@@ -199,9 +213,20 @@ def init_gemnet_state(
 
 
 def gemnet_step_fn(
-    graphdef: nnx.GraphDef, setting: Setting, config: GemNetTrainConfig, *, steps: int
+    graphdef: nnx.GraphDef,
+    setting: Setting,
+    config: GemNetTrainConfig,
+    *,
+    steps: int,
+    teacher: Mechanism | None = None,
 ):
-    """``(state, values, key) -> (state, metrics)``: one step of GemNet training."""
+    """``(state, values, key) -> (state, metrics)``: one step of GemNet training.
+
+    With ``config.imitate`` the step fits the soft outcome to ``teacher(values)`` (required then)
+    instead of maximising the penalised revenue; the multiplier is left as it is.
+    """
+    if config.imitate and teacher is None:
+        raise ValueError(f"imitate={config.imitate!r} needs the teacher mechanism")
     opt = _optimizer(config, steps)
     _, kappa_at = _schedules(config, steps)
     scale = float(np.max(np.sum(setting.high, axis=1)))
@@ -228,12 +253,19 @@ def gemnet_step_fn(
         kappa = kappa_at(state.step)
         at = menu_bids(values)
 
+        target = teacher(values) if teacher is not None and config.imitate else None
+
         def loss_fn(params):
             menus = nnx.merge(graphdef, params).menus(at)
             soft = soft_choice(menus, values, kappa=kappa / scale)
             revenue = jnp.mean(soft.revenue)
             penalty = jnp.mean(penalised(menus, soft, values, kappa / scale))
-            loss = -revenue + state.lagrange * penalty + 0.5 * config.rho * penalty**2
+            if target is not None:
+                # squared error of the outcome, payments in units of the value scale
+                loss = jnp.mean(jnp.sum((soft.alloc - target.alloc) ** 2, axis=(-2, -1)))
+                loss += jnp.mean(jnp.sum(((soft.pay - target.pay) / scale) ** 2, axis=-1))
+            else:
+                loss = -revenue + state.lagrange * penalty + 0.5 * config.rho * penalty**2
             return loss, (revenue, penalty, menus)
 
         (loss, (revenue, penalty, menus)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -246,7 +278,9 @@ def gemnet_step_fn(
         over = over_allocation(hard_out.alloc)
         t = state.step + 1
         lagrange = jnp.where(
-            t % config.lagrange_every == 0, state.lagrange + config.rho * penalty, state.lagrange
+            (t % config.lagrange_every == 0) & (not config.imitate),
+            state.lagrange + config.rho * penalty,
+            state.lagrange,
         )
         metrics = {
             "revenue": revenue,
@@ -272,6 +306,7 @@ def train_gemnet(
     init_state: GemNetTrainState | None = None,
     reset_multipliers: bool = False,
     fingerprint: dict[str, Any] | None = None,
+    teacher: Mechanism | None = None,
 ) -> tuple[GemNet, TrainResult]:
     """Train GemNet on ``setting`` through the shared loop; returns the model and the run.
 
@@ -284,12 +319,21 @@ def train_gemnet(
       reset_multipliers: with ``init_state``, restart the multiplier at ``config.lagrange_init``
         (e.g. a final stage that pushes the remaining incompatibility down at a fixed ``kappa``).
       fingerprint: extra facts a resumed run must share (e.g. which stage it continues).
+      teacher: with ``config.imitate``, the mechanism to imitate; by default the affine
+        maximiser of kind ``config.imitate`` fitted on ``setting`` with ``train_config.seed``
+        (:func:`diffecon.fit_affine_maximizer`, about a minute on a CPU).
 
     Raises:
       ValueError: a setting GemNet does not support (combinatorial valuations, unbounded support),
         or an ``init_state`` whose parameters do not fit ``config.network``.
     """
     steps = train_config.steps
+    if config.imitate and teacher is None:
+        teacher = fit_affine_maximizer(
+            setting, kind=config.imitate, key=jax.random.key(train_config.seed)
+        )
+    elif teacher is not None and not config.imitate:
+        raise ValueError("a teacher is only used by an imitation stage: set config.imitate")
     graphdef, state = init_gemnet_state(
         setting, config, jax.random.key(train_config.seed), steps=steps
     )
@@ -318,7 +362,7 @@ def train_gemnet(
 
     result = train(
         state,
-        gemnet_step_fn(graphdef, setting, config, steps=steps),
+        gemnet_step_fn(graphdef, setting, config, steps=steps, teacher=teacher),
         sample,
         train_config,
         fingerprint={

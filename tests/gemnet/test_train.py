@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffecon import TrainConfig, evaluate, get_setting
+from diffecon import TrainConfig, evaluate, get_setting, itemwise_myerson
 from gemnet import (
     GemNetConfig,
     GemNetTrainConfig,
@@ -212,3 +212,49 @@ def _failing_finest_boxes(model, setting, *, level: int) -> int:
     candidate = u_hi >= u_lo.max(-1, keepdims=True) - 1e-6
     top = np.max(np.where(candidate[..., None], alloc, 0.0), axis=-2)  # [boxes, n, m]
     return int(np.sum(np.any(top.sum(-2) > 1 + 1e-6, axis=-1)))
+
+
+def test_an_imitation_stage_fits_the_teachers_outcome():
+    # Imitating item-wise Myerson (a compatible menu mechanism) moves the hard outcome towards
+    # the teacher's: the tiny network's allocations and revenue end near Myerson's.
+    setting = get_setting("additive_2x2_uniform")
+    teacher = itemwise_myerson(setting)
+    config = dataclasses.replace(
+        TINY, imitate="ama", kappa_init=200.0, kappa_final=200.0, learning_rate=3e-3
+    )
+    values = setting.sample(jax.random.key(3), (20_000,))
+    want = teacher(values)
+
+    def alloc_error(model):
+        return float(jnp.mean(jnp.abs(model(values).alloc - want.alloc)))
+
+    untrained, _ = train_gemnet(
+        setting, config, TrainConfig(steps=0, progress=False), teacher=teacher
+    )
+    model, result = train_gemnet(
+        setting, config, TrainConfig(steps=400, log_every=10, progress=False), teacher=teacher
+    )
+    first, last = result.history[0], result.history[-1]
+    assert last["loss"] < 0.25 * first["loss"]
+    assert last["lagrange"] == first["lagrange"]  # no multiplier updates while imitating
+    assert alloc_error(model) < min(0.15, 0.5 * alloc_error(untrained))
+    revenue = float(jnp.mean(model(values).revenue))
+    assert abs(revenue - float(jnp.mean(want.revenue))) < 0.07
+
+
+def test_imitation_needs_a_known_teacher():
+    setting = get_setting("additive_2x2_uniform")
+    with pytest.raises(ValueError, match="imitate must be one of"):
+        GemNetTrainConfig(imitate="regretnet")
+    with pytest.raises(ValueError, match="only used by an imitation stage"):
+        train_gemnet(
+            setting,
+            TINY,
+            TrainConfig(steps=1, progress=False),
+            teacher=itemwise_myerson(setting),
+        )
+    with pytest.raises(ValueError, match="needs the teacher"):
+        graphdef, _ = init_gemnet_state(
+            setting, dataclasses.replace(TINY, imitate="ama"), jax.random.key(0), steps=1
+        )
+        gemnet_step_fn(graphdef, setting, dataclasses.replace(TINY, imitate="ama"), steps=1)
