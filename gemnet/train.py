@@ -87,8 +87,9 @@ class GemNetTrainConfig:
         the soft choice's outcome (allocations and payments, squared error) to a teacher's, the
         affine maximiser of that kind fitted by :func:`diffecon.fit_affine_maximizer` (or the
         ``teacher`` given to :func:`train_gemnet`). An affine maximiser is a strategy-proof menu
-        mechanism whose menus never over-allocate, so a later revenue stage starts from
-        compatible menus at the teacher's revenue instead of from random ones.
+        mechanism whose menus never over-allocate, so a later revenue stage starts near a
+        compatible mechanism at the teacher's revenue instead of from random menus (the imitation
+        itself still over-allocates along the teacher's coincident choice boundaries).
       penalty: what the incompatibility measures. ``"point"``: the soft choices at the sampled
         profile (:func:`incompatibility`). ``"box"`` (needs ``quantize_level``): the repair's own
         test on the finest box around the profile, softened (:func:`box_incompatibility`): each
