@@ -50,8 +50,10 @@ from diffecon.outcome import Outcome, check_bids
 from diffecon.settings import Setting
 
 __all__ = [
+    "AFFINE_KINDS",
     "BASELINE_NAMES",
     "FULL_FIT_CONFIG",
+    "LOTTERY_FIT_CONFIG",
     "MAX_ALLOCATIONS",
     "AffineMaximizer",
     "AffineMaximizerFitConfig",
@@ -197,8 +199,9 @@ class AffineMaximizer:
     Attributes:
       weights: ``[bidders]`` positive bidder weights ``w``.
       boosts: ``[allocations]`` additive boosts ``boost(a)``.
-      alloc_table: ``[allocations, bidders, value_dim]`` 0/1 allocations (from
-        :func:`enumerate_allocations`).
+      alloc_table: ``[allocations, bidders, value_dim]`` allocations: 0/1 (from
+        :func:`enumerate_allocations`), or randomised for a lottery AMA (each item's shares sum to
+        at most 1).
     """
 
     weights: _Leaf
@@ -840,6 +843,9 @@ class AffineMaximizerFitConfig:
         boosts that penalise the grand bundle.
       init_scale: standard deviation of the random initial boosts (units of the value scale) and,
         divided by 4, of the initial log-weights.
+      menu_size: ``kind="lottery"`` only: the number of learned randomised allocations.
+      logit_scale: ``kind="lottery"`` only: standard deviation of the initial allocation logits
+        (each item's split among the bidders and nobody is a softmax of them).
     """
 
     steps: int = 2000
@@ -851,7 +857,29 @@ class AffineMaximizerFitConfig:
     eval_samples: int = 1 << 14
     n_starts: int = 8
     init_scale: float = 0.3
+    menu_size: int = 128
+    logit_scale: float = 2.0
 
+
+AFFINE_KINDS = ("ama", "vvca", "lottery")
+"""The kinds :func:`fit_affine_maximizer` searches."""
+
+LOTTERY_FIT_CONFIG = AffineMaximizerFitConfig(
+    steps=4000,
+    batch_size=1024,
+    learning_rate=0.01,
+    temperature_start=0.005,
+    temperature_end=0.001,
+    eval_every=500,
+    n_starts=4,
+    menu_size=256,
+    logit_scale=4.0,
+)
+"""The default search of ``kind="lottery"`` (a few minutes on a CPU): colder than the others' from
+the start. With learned allocations a warm softmax lets the relaxed revenue charge for nothing
+(empty lotteries whose boosts differ: each pivot minus its soft average is positive), and the
+search collapses to zero revenue. Large initial logits start the lotteries near deterministic
+allocations."""
 
 FULL_FIT_CONFIG = AffineMaximizerFitConfig(
     steps=20_000, batch_size=4096, eval_every=1000, eval_samples=1 << 17, n_starts=32
@@ -867,7 +895,7 @@ def fit_affine_maximizer(
     config: AffineMaximizerFitConfig | None = None,
     **overrides: Any,
 ) -> AffineMaximizer:
-    """Search the weights and boosts of an AMA (or VVCA) for revenue; return the best found.
+    """Search the weights and boosts of an AMA (VVCA, lottery AMA) for revenue; return the best.
 
     Adam ascends a relaxed revenue on fresh samples each step, from ``n_starts`` starting points
     side by side: the chosen allocation is a softmax of the affine scores at a temperature annealed
@@ -876,22 +904,32 @@ def fit_affine_maximizer(
     result is DSIC and IR. Every ``eval_every`` steps the hard mechanisms are scored on fixed
     validation profiles and the best parameters seen are kept.
 
+    ``kind="lottery"`` is the lottery AMA (Curry, Sandholm and Dickerson 2023; AMenuNet's
+    mechanism class without its context network): instead of the enumerated deterministic
+    allocations the AMA chooses among ``config.menu_size`` randomised allocations that are learned
+    with the boosts (each item split among the bidders and nobody by a softmax). The allocations
+    do not depend on the bids, so the result is DSIC and IR as any AMA, and it scales to settings
+    with too many deterministic allocations to enumerate (e.g. 3 bidders and 10 items).
+
     Args:
-      setting: the auction setting (at most ``MAX_ALLOCATIONS`` deterministic allocations).
-      kind: ``"ama"`` (one boost per allocation) or ``"vvca"`` (one boost per bidder and subset).
+      setting: the auction setting (at most ``MAX_ALLOCATIONS`` deterministic allocations, except
+        for ``"lottery"``, which needs additive values).
+      kind: ``"ama"`` (one boost per allocation), ``"vvca"`` (one boost per bidder and subset) or
+        ``"lottery"`` (learned randomised allocations, one boost each).
       key: PRNG key.
-      config: hyperparameters (default :class:`AffineMaximizerFitConfig`).
+      config: hyperparameters (default :class:`AffineMaximizerFitConfig`, or
+        :data:`LOTTERY_FIT_CONFIG` for ``"lottery"``).
       **overrides: fields of the config to override, e.g. ``steps=500``.
 
     Returns:
       The fitted :class:`AffineMaximizer`.
 
     Raises:
-      ValueError: on an unknown ``kind`` or config field.
+      ValueError: on an unknown ``kind`` or config field, or a setting the kind does not support.
     """
-    if kind not in ("ama", "vvca"):
-        raise ValueError(f"kind must be 'ama' or 'vvca', got {kind!r}")
-    config = config or AffineMaximizerFitConfig()
+    if kind not in AFFINE_KINDS:
+        raise ValueError(f"kind must be one of {AFFINE_KINDS}, got {kind!r}")
+    config = config or (LOTTERY_FIT_CONFIG if kind == "lottery" else AffineMaximizerFitConfig())
     unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
     if unknown:
         raise ValueError(
@@ -899,14 +937,18 @@ def fit_affine_maximizer(
             f"{[f.name for f in dataclasses.fields(config)]}"
         )
     config = dataclasses.replace(config, **overrides)
-    if min(config.batch_size, config.eval_every, config.n_starts, config.eval_samples) < 1 or (
-        config.steps < 0
-    ):
+    if min(
+        config.batch_size, config.eval_every, config.n_starts, config.eval_samples, config.menu_size
+    ) < 1 or (config.steps < 0):
         raise ValueError(f"invalid fit config {config}")
 
-    table_np, subsets = enumerate_allocations(setting)
-    table = jnp.asarray(table_np)
     n, m = setting.n_bidders, setting.n_items
+    if kind == "lottery":
+        _require(setting, ("additive",), "the lottery AMA")
+        table_np, subsets = np.zeros((0, n, m), np.float32), np.zeros((0, n), np.int32)
+    else:
+        table_np, subsets = enumerate_allocations(setting)
+    fixed_table = jnp.asarray(table_np)
     key_val, key_scale, key_train, key_init = jax.random.split(key, 4)
     validation = setting.sample(key_val, config.eval_samples)
     scale = float(
@@ -915,24 +957,36 @@ def fit_affine_maximizer(
 
     def mechanism_of(params) -> AffineMaximizer:
         weights = jnp.exp(params["log_weights"])
-        if kind == "ama":
-            boosts = scale * params["boosts"]
-        else:
+        if kind == "vvca":
             boosts = scale * _vvca_boosts(params["boosts"], subsets)
+        else:
+            boosts = scale * params["boosts"]
+        if kind == "lottery":
+            # [K, m, n + 1] -> each item's shares of the n bidders (the last share is nobody's)
+            shares = jax.nn.softmax(params["alloc_logits"], axis=-1)[..., :n]
+            table = jnp.swapaxes(shares, -1, -2)  # [K, n, m]
+        else:
+            table = fixed_table
         return AffineMaximizer(weights=weights, boosts=boosts, alloc_table=table)
 
     def relaxed_revenue(params, values, temperature):
         mech = mechanism_of(params)
-        weighted, others = _affine_scores(values, mech.weights, mech.boosts, table)
+        weighted, others = _affine_scores(values, mech.weights, mech.boosts, mech.alloc_table)
         score = others[:, :, 0] + weighted[:, :, 0]
         chosen = jax.nn.softmax(score / (temperature * scale), axis=-1)
         pivots = jnp.max(others, axis=1) - jnp.einsum("ba,ban->bn", chosen, others)
         pay = pivots / mech.weights[None]
         return jnp.mean(jnp.sum(pay, axis=-1))
 
-    boost_shape = (table.shape[0],) if kind == "ama" else (n, 2**m)
-    key_boosts, key_weights = jax.random.split(key_init)
-    first = jnp.arange(config.n_starts)[:, None] > 0  # start 0 is VCG
+    if kind == "lottery":
+        boost_shape: tuple[int, ...] = (config.menu_size,)
+    elif kind == "ama":
+        boost_shape = (fixed_table.shape[0],)
+    else:
+        boost_shape = (n, 2**m)
+    key_boosts, key_weights, key_logits = jax.random.split(key_init, 3)
+    # start 0 is VCG (for the lottery AMA: unit weights and zero boosts on random lotteries)
+    first = jnp.arange(config.n_starts)[:, None] > 0
     params = {
         "log_weights": jnp.where(
             first,
@@ -945,6 +999,10 @@ def fit_affine_maximizer(
             0.0,
         ),
     }
+    if kind == "lottery":
+        params["alloc_logits"] = config.logit_scale * jax.random.normal(
+            key_logits, (config.n_starts, config.menu_size, m, n + 1)
+        )
     optimizer = optax.adam(config.learning_rate)  # coordinate-wise, so the starts stay independent
     decay = (config.temperature_end / config.temperature_start) ** (1.0 / max(config.steps, 1))
     loss_grad = jax.vmap(
@@ -991,6 +1049,12 @@ def fit_affine_maximizer(
             best_params = take(params, int(np.argmax(revenues)))
             best_revenue = float(np.max(revenues))
     best = mechanism_of(best_params)
+    if kind == "lottery":
+        return AffineMaximizer(
+            weights=_positive_weights(np.asarray(best.weights), n),
+            boosts=jnp.asarray(np.asarray(best.boosts, np.float32)),
+            alloc_table=jnp.asarray(np.asarray(best.alloc_table, np.float32)),
+        )
     return affine_maximizer(
         setting, weights=np.asarray(best.weights), boosts=np.asarray(best.boosts)
     )
@@ -1019,6 +1083,7 @@ _BASELINES: dict[str, Callable[..., Any]] = {
     "second_price": second_price,
     "vvca": _fit("vvca"),
     "ama": _fit("ama"),
+    "lottery_ama": _fit("lottery"),
 }
 
 BASELINE_NAMES: tuple[str, ...] = tuple(_BASELINES)
@@ -1031,13 +1096,14 @@ def make_baseline(
     """Build the baseline ``name`` for ``setting``.
 
     Every baseline accepts ``key``, so callers can build any of them the same way: the searched
-    ones (``vvca``, ``ama``) need it, ``bundle_myerson`` uses it when it samples for its reserve,
-    and the deterministic ones ignore it.
+    ones (``vvca``, ``ama``, ``lottery_ama``) need it, ``bundle_myerson`` uses it when it samples
+    for its reserve, and the deterministic ones ignore it.
 
     Args:
       name: one of :data:`BASELINE_NAMES`: ``vcg``, ``itemwise_myerson``, ``bundle_myerson``,
         ``optimal`` (a known optimal menu, or Myerson for one item), ``first_price``,
-        ``second_price``, ``vvca`` and ``ama``.
+        ``second_price``, ``vvca``, ``ama`` and ``lottery_ama`` (:func:`fit_affine_maximizer`
+        with ``kind="lottery"``).
       setting: the auction setting.
       key: PRNG key for baselines that search or sample.
       **kwargs: keyword arguments of the factory (``reserve=...``, ``steps=...``).
