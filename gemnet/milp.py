@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -197,6 +199,21 @@ def _solve_with_floor(p: CellProblem, slack: float):
     for k, v in delta.items():
         offsets[k] = max(v.solution_value(), 0.0)
     return offsets, name, n_bin
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Worker initializer: end this process once ``parent_pid`` is gone.
+
+    A repair killed from outside (SIGTERM, SIGKILL) cannot shut its pool down, and its MILP workers
+    would otherwise keep solving; a daemon thread polls the parent's id and exits instead.
+    """
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def solve_cell(problem: CellProblem) -> CellSolution:

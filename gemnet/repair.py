@@ -63,6 +63,7 @@ from gemnet.milp import (
     CellProblem,
     CellSolution,
     discrete_revenue_milp,
+    exit_with_parent,
     pairwise_gap,
     solve_cell,
     tighten_prices,
@@ -1265,7 +1266,12 @@ class _MilpPool:
             return [solve_cell(p) for p in problems]
         if self._executor is None:
             ctx = multiprocessing.get_context("spawn")  # JAX is threaded: never fork it
-            self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                self.workers,
+                mp_context=ctx,
+                initializer=exit_with_parent,  # no orphans if the repair is killed
+                initargs=(os.getpid(),),
+            )
         chunk = max(1, len(problems) // (4 * self.workers))
         return list(self._executor.map(solve_cell, problems, chunksize=chunk))
 

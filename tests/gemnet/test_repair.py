@@ -2,6 +2,11 @@ import dataclasses
 import importlib
 import itertools
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -609,3 +614,49 @@ def test_interpolation_needs_quantized_menus_and_continuous_values(tiny_2x2):
     net = GemNet.for_setting(yao, GemNetConfig(menu_size=4, hidden=8), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="discrete"):
         repair(net, yao, dataclasses.replace(FAST, interpolate=True))
+
+
+_ORPHAN_SCRIPT = """
+import concurrent.futures, multiprocessing, os, sys
+from gemnet.milp import exit_with_parent
+if __name__ == "__main__":
+    init = {"initializer": exit_with_parent, "initargs": (os.getpid(), 0.1)} if sys.argv[1] else {}
+    pool = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), **init
+    )
+    print(pool.submit(os.getpid).result(), flush=True)
+    os._exit(0)  # gone without shutting the pool down, like a killed repair
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_milp_workers_exit_with_their_parent(tmp_path):
+    """A repair killed from outside leaves no MILP worker running (the pool's initializer)."""
+    script = tmp_path / "pool.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, str(script), "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=env,
+    )
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = _alive(pid)
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the MILP worker outlived its parent"
