@@ -236,22 +236,42 @@ def affine_maximizer(
     *,
     weights: Float[Array, " bidders"] | np.ndarray | None = None,
     boosts: Float[Array, " allocations"] | np.ndarray | None = None,
+    alloc_table: Float[Array, "allocations bidders items"] | np.ndarray | None = None,
 ) -> AffineMaximizer:
     """An affine maximiser auction on ``setting`` with the given weights and boosts.
 
     Args:
       setting: the auction setting (any valuation kind with at most ``MAX_ALLOCATIONS``
-        deterministic allocations).
+        deterministic allocations, unless ``alloc_table`` is given).
       weights: ``[bidders]`` positive weights (default: ones).
-      boosts: ``[allocations]`` boosts, indexed like :func:`enumerate_allocations` (default: zeros).
+      boosts: ``[allocations]`` boosts, indexed like the allocations (default: zeros).
+      alloc_table: ``[allocations, bidders, items]`` randomised allocations of an additive setting
+        (a lottery AMA: shares in ``[0, 1]``, each item's summing to at most 1); default: every
+        deterministic allocation (:func:`enumerate_allocations`).
 
     Returns:
       The mechanism.
 
     Raises:
-      ValueError: on non-positive weights, wrong shapes or too many allocations.
+      ValueError: on non-positive weights, wrong shapes, too many allocations, or an allocation
+        table that is not additive, leaves ``[0, 1]`` or over-allocates an item.
     """
-    table, _ = enumerate_allocations(setting)
+    if alloc_table is None:
+        table, _ = enumerate_allocations(setting)
+    else:
+        _require(setting, ("additive",), "an AMA over given (randomised) allocations")
+        table = np.asarray(alloc_table, np.float32)
+        n, m = setting.n_bidders, setting.n_items
+        if table.ndim != 3 or table.shape[1:] != (n, m) or table.shape[0] < 1:
+            raise ValueError(
+                f"alloc_table must have shape [allocations, bidders={n}, items={m}], "
+                f"got {table.shape}"
+            )
+        if not np.all(np.isfinite(table)) or table.min() < 0 or table.sum(1).max() > 1 + 1e-6:
+            raise ValueError(
+                "alloc_table must hold shares in [0, 1] that sum to at most 1 per item "
+                f"(largest item total {table.sum(1).max():.6g})"
+            )
     w = _positive_weights(weights, setting.n_bidders)
     lam = np.zeros(table.shape[0], np.float32) if boosts is None else np.asarray(boosts, np.float32)
     if lam.shape != (table.shape[0],):
@@ -878,7 +898,7 @@ LOTTERY_FIT_CONFIG = AffineMaximizerFitConfig(
 """The default search of ``kind="lottery"`` (a few minutes on a CPU): colder than the others' from
 the start. With learned allocations a warm softmax lets the relaxed revenue charge for nothing
 (empty lotteries whose boosts differ: each pivot minus its soft average is positive), and the
-search collapses to zero revenue. Large initial logits start the lotteries near deterministic
+search collapses. Large initial logits start the lotteries near deterministic
 allocations."""
 
 FULL_FIT_CONFIG = AffineMaximizerFitConfig(
@@ -1049,14 +1069,11 @@ def fit_affine_maximizer(
             best_params = take(params, int(np.argmax(revenues)))
             best_revenue = float(np.max(revenues))
     best = mechanism_of(best_params)
-    if kind == "lottery":
-        return AffineMaximizer(
-            weights=_positive_weights(np.asarray(best.weights), n),
-            boosts=jnp.asarray(np.asarray(best.boosts, np.float32)),
-            alloc_table=jnp.asarray(np.asarray(best.alloc_table, np.float32)),
-        )
     return affine_maximizer(
-        setting, weights=np.asarray(best.weights), boosts=np.asarray(best.boosts)
+        setting,
+        weights=np.asarray(best.weights),
+        boosts=np.asarray(best.boosts),
+        alloc_table=np.asarray(best.alloc_table) if kind == "lottery" else None,
     )
 
 

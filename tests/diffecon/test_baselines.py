@@ -647,6 +647,12 @@ def test_bad_parameters_raise_value_error():
         )
     with pytest.raises(ValueError, match="invalid fit config"):
         baselines.fit_affine_maximizer(setting, kind="lottery", key=jax.random.key(0), menu_size=0)
+    with pytest.raises(ValueError, match="alloc_table must have shape"):
+        baselines.affine_maximizer(setting, alloc_table=np.zeros((4, 2, 3)))
+    with pytest.raises(ValueError, match="sum to at most 1 per item"):
+        baselines.affine_maximizer(setting, alloc_table=np.full((4, 2, 2), 0.6))
+    with pytest.raises(ValueError, match="supports additive"):
+        baselines.affine_maximizer(get_setting("unit_1x2_uniform"), alloc_table=np.zeros((4, 1, 2)))
     with pytest.raises(ValueError, match="unknown fit_affine_maximizer options"):
         baselines.fit_affine_maximizer(setting, key=jax.random.key(0), stepz=3)
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -617,12 +618,14 @@ def test_interpolation_needs_quantized_menus_and_continuous_values(tiny_2x2):
 
 
 _ORPHAN_SCRIPT = """
-import concurrent.futures, multiprocessing, os, sys
+import concurrent.futures, multiprocessing, os
 from gemnet.milp import exit_with_parent
 if __name__ == "__main__":
-    init = {"initializer": exit_with_parent, "initargs": (os.getpid(), 0.1)} if sys.argv[1] else {}
     pool = concurrent.futures.ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn"), **init
+        1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=exit_with_parent,
+        initargs=(os.getpid(), 0.1),
     )
     print(pool.submit(os.getpid).result(), flush=True)
     os._exit(0)  # gone without shutting the pool down, like a killed repair
@@ -642,10 +645,10 @@ def test_milp_workers_exit_with_their_parent(tmp_path):
     """A repair killed from outside leaves no MILP worker running (the pool's initializer)."""
     script = tmp_path / "pool.py"
     script.write_text(_ORPHAN_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = str(Path(__file__).resolve().parents[2])  # the repository: spawned workers import gemnet
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(
-        [sys.executable, str(script), "1"],
+        [sys.executable, str(script)],
         capture_output=True,
         text=True,
         timeout=120,
