@@ -79,18 +79,22 @@ RECIPES: dict[str, tuple[GemNetStage, ...]] = {
     ),
     "additive_2x3_uniform": (GemNetStage(_TANH_128, 10_000),),
     "additive_3x3_uniform": (GemNetStage(_TANH_128, 6000),),
-    # 30 coordinates: the repair's grid cannot hold the profile space (reported, not run). 64
-    # learned elements cannot post prices on 10 items; the 1,023 item-price bundles can.
+    # 30 coordinates: the repair's grid cannot hold the profile space. A menu of the 1,023
+    # item-price bundles with a learned entry fee and no learned elements is compatible by
+    # construction (GemNet.compatible_by_construction), so it needs no repair and no penalty.
     "additive_3x10_uniform": (
         GemNetStage(
             GemNetTrainConfig(
-                network=GemNetConfig(menu_size=64, alloc_clip=0.1, item_prices=True),
+                network=GemNetConfig(
+                    menu_size=0, item_prices=True, fees="entry", activation="relu"
+                ),
                 batch_size=1024,
-                kappa_init=300.0,
-                rho=1.0,
-                lagrange_init=0.1,
+                kappa_init=100.0,
+                kappa_final=1000.0,
+                rho=0.0,
+                lagrange_init=0.0,
             ),
-            3000,
+            6000,
         ),
     ),
     # Exact 0/1 allocations (alloc_clip) let the two bidders split the items, as the optimum does.
@@ -107,6 +111,21 @@ RECIPES: dict[str, tuple[GemNetStage, ...]] = {
         ),
     ),
 }
+# ``--fees``: menus of item-price bundles with monotone bundle fees and no learned elements,
+# compatible by construction (GemNet.compatible_by_construction): no repair, any number of bidders.
+FEE_RECIPE = (
+    GemNetStage(
+        GemNetTrainConfig(
+            network=GemNetConfig(menu_size=0, item_prices=True, fees="bundle", activation="relu"),
+            batch_size=4096,
+            kappa_init=100.0,
+            kappa_final=1000.0,
+            rho=0.0,
+            lagrange_init=0.0,
+        ),
+        10_000,
+    ),
+)
 METRICS = TABLE_METRICS[SUITE]
 
 
@@ -125,6 +144,9 @@ class GemNetBenchConfig:
       adversarial_starts: starts of the adversarial over-allocation search.
       max_level: the repair's finest grid (``2^max_level`` cells per coordinate).
       max_boxes: the repair gives up beyond this many pending boxes (``RepairConfig.max_boxes``).
+      fees: train ``FEE_RECIPE`` (item-price bundles with bundle fees, compatible by
+        construction) instead of the setting's recipe; its checkpoints are ``gemnet_<setting>_fees``
+        and its records' mechanism ``gemnet_fees``.
       pairwise: the repair's pairwise candidate test (``RepairConfig.pairwise``; 0: off).
       interpolate: the repaired menus are interpolated between the cells' corners
         (``RepairConfig.interpolate``) instead of taken at the cells' centres.
@@ -147,6 +169,7 @@ class GemNetBenchConfig:
     max_level: int = 5
     max_boxes: int = RepairConfig.max_boxes
     pairwise: int = 0
+    fees: bool = False
     interpolate: bool = False
     keep_certificate: bool = True
     workers: int = 0
@@ -215,7 +238,7 @@ def _outcome_table(mechanism, lp: OptimalLP) -> str:
 
 
 def _checkpoint_dir(name: str, config: GemNetBenchConfig) -> Path:
-    return Path(config.checkpoints_dir) / f"gemnet_{name}"
+    return Path(config.checkpoints_dir) / f"gemnet_{name}{'_fees' if config.fees else ''}"
 
 
 def train_recipe(
@@ -254,13 +277,21 @@ def _model(name: str, config: GemNetBenchConfig):
     if config.pretrained:
         model, _, meta = load_gemnet(ckpt, setting)
         return setting, model, float(meta.get("train_wall_s", float("nan")))
-    stages = (
-        QUICK_RECIPE
-        if config.quick
-        else RECIPES.get(name, (GemNetStage(GemNetTrainConfig(), 10_000),))
-    )
+    if config.quick:
+        stages = QUICK_RECIPE
+        if config.fees:
+            network = dataclasses.replace(FEE_RECIPE[0].config.network, hidden=32)
+            stages = (GemNetStage(dataclasses.replace(FEE_RECIPE[0].config, network=network), 200),)
+    elif config.fees:
+        stages = FEE_RECIPE
+    else:
+        stages = RECIPES.get(name, (GemNetStage(GemNetTrainConfig(), 10_000),))
     model, history, wall = train_recipe(
-        setting, stages, seed=config.seed, runs_dir=config.runs_dir, progress=not config.quick
+        setting,
+        stages,
+        seed=config.seed,
+        runs_dir=str(Path(config.runs_dir) / "fees") if config.fees else config.runs_dir,
+        progress=not config.quick,
     )
     save_gemnet(
         model,
@@ -332,11 +363,26 @@ def run(config: GemNetBenchConfig) -> list[dict[str, Any]]:
         mechanism: Any = model
         extra: dict[str, Any] = {}
         label = "rochetnet" if setting.n_bidders == 1 else "gemnet"
+        if config.fees:
+            label = "gemnet_fees"
         rec: dict[str, Any] = {"suite": SUITE, "setting": name, "seed": config.seed}
         if setting.n_bidders > 1 and _optimal_lp(setting) is None and not model.item_prices:
             records.extend(_certifiable_shares(model, setting, rec, config))
         cert = None
-        if setting.n_bidders > 1:
+        if setting.n_bidders > 1 and model.compatible_by_construction:
+            # item-price bundles only: no profile over-allocates, whatever the weights (the
+            # proof is GemNet.compatible_by_construction's); nothing to repair
+            records.append(
+                make_record(
+                    **rec,
+                    mechanism=label,
+                    metric="certified",
+                    value=1.0,
+                    wall_s=0.0,
+                    certified_by="construction",
+                )
+            )
+        elif setting.n_bidders > 1:
             cert_dir = _checkpoint_dir(name, config) / "certificate"
             if config.pretrained and not config.repair_pretrained:
                 cert = load_certificate(cert_dir)

@@ -214,7 +214,8 @@ def _gemnet(setting: Setting, config: RevenueConfig) -> tuple[Any, str, dict[str
 
     With several bidders the network is repaired by its committed certificate, which must verify
     (``gemnet``); a network committed without one (the repair did not run) is evaluated as it is
-    and named ``gemnet_unrepaired``. With one bidder GemNet is RochetNet, compatible as it is.
+    and named ``gemnet_unrepaired``. With one bidder GemNet is RochetNet, compatible as it is, and
+    a GemNet of item-price bundles only (``GemNet.compatible_by_construction``) needs no repair.
     """
     from gemnet import RepairedGemNet, load_certificate, load_gemnet, verify_certificate
 
@@ -228,8 +229,8 @@ def _gemnet(setting: Setting, config: RevenueConfig) -> tuple[Any, str, dict[str
         raise ValueError(f"no committed GemNet for {setting.name!r} (looked in {ckpt})")
     model, _, meta = load_gemnet(ckpt, setting)
     facts = {"train_wall_s": meta.get("train_wall_s"), "history": meta.get("history", [])}
-    if setting.n_bidders == 1:
-        return model, "gemnet", facts
+    if model.compatible_by_construction:  # one bidder, or item-price bundles only
+        return model, "gemnet", {**facts, "compatible_by_construction": True}
     if not (ckpt / "certificate").is_dir():
         return model, "gemnet_unrepaired", facts
     cert = load_certificate(ckpt / "certificate")

@@ -70,6 +70,17 @@ class GemNetConfig:
         (item-wise Myerson at ``r = 1/2`` on U[0, 1], up to ``eps``), and two bidders never both
         buy an item through them, ties included: only the learned elements can conflict. The
         repair does not support these menus.
+      fees: surcharges on the item-price bundles (needs ``item_prices``), learned functions of
+        ``b_-i``: ``""`` none; ``"entry"`` one entry fee ``f_i(b_-i) >= 0`` on every bundle
+        (bidder ``i`` enters when its surplus ``sum_j (v_ij - q_ij)^+`` at the item prices covers
+        the fee, then buys the items it values above their prices: a second-price auction with
+        reserves and bidder-specific entry fees, Yao 2015, Cai, Devanur and Weinberg 2016; with
+        many items a bidder's surplus concentrates and the fee collects much of it); ``"bundle"``
+        a fee ``f_i(S) >= 0`` per bundle, made monotone in ``S`` (``f(S) >= f(S - {j})``, by a
+        running maximum over subsets; one bidder's Manelli-Vincent menu is item prices plus such
+        fees). A monotone fee never lowers the price of adding an item to a bundle below its item
+        price, so an item is still bought only above the highest other bid and the bundles stay
+        compatible (``GemNet.compatible_by_construction``).
       activation: hidden-layer nonlinearity, ``"tanh"`` or ``"relu"``. A ReLU network is
         piecewise linear in ``b_-i``, like the prices of an affine maximiser (a difference of
         maxima of affine functions of the others' bids), whose choice boundaries for two bidders
@@ -83,10 +94,12 @@ class GemNetConfig:
     init_logit_scale: float = 2.0
     alloc_clip: float = 0.0
     item_prices: bool = False
+    fees: str = ""
     activation: str = "tanh"
 
 
 ACTIVATIONS = ("tanh", "relu")
+FEES = ("", "entry", "bundle")
 
 
 def hidden_activation(name: str):
@@ -110,6 +123,17 @@ def bundle_matrix(n_items: int, valuation: str) -> np.ndarray:
         return np.eye(n_items, dtype=np.float32)
     codes = np.arange(1, 2**n_items)
     return ((codes[:, None] >> np.arange(n_items)) & 1).astype(np.float32)
+
+
+def _monotone_over_subsets(fee, n_items: int):
+    """``[..., 2^m - 1]`` bundle fees (row ``c - 1`` is the bundle with bit code ``c``) raised to
+    their running maximum over subsets, ``f(S) = max_{T subset of S} f(T)``: monotone in ``S``."""
+    g = jnp.concatenate([jnp.zeros_like(fee[..., :1]), fee], axis=-1)  # the empty bundle: 0
+    codes = np.arange(2**n_items)
+    for j in range(n_items):
+        has_j = (codes >> j) & 1 == 1
+        g = jnp.where(has_j, jnp.maximum(g, g[..., codes ^ (1 << j)]), g)
+    return g[..., 1:]
 
 
 @struct.dataclass
@@ -191,6 +215,17 @@ class GemNet(nnx.Module):
         # A price scale of the grand bundle's highest value keeps the raw price outputs O(1).
         self.price_scale = float(np.max(np.sum(high, axis=1)))
         self.item_prices = bool(config.item_prices)
+        if config.fees not in FEES:
+            raise ValueError(f"fees must be one of {FEES}, got {config.fees!r}")
+        self.fees = str(config.fees)
+        if self.fees and not self.item_prices:
+            raise ValueError(
+                f"fees={self.fees!r} prices the item-price bundles; it needs item_prices"
+            )
+        if config.menu_size < 0 or (config.menu_size == 0 and not self.item_prices):
+            raise ValueError(
+                f"menu_size must be >= 1 (>= 0 with item_prices), got {config.menu_size}"
+            )
         if self.item_prices and valuation == "additive" and m > MAX_ITEM_PRICE_ITEMS:
             raise ValueError(
                 f"item_prices appends 2^m - 1 bundles; m = {m} items is more than "
@@ -200,7 +235,9 @@ class GemNet(nnx.Module):
         self.item_scale = tuple(float(x) for x in np.max(high, axis=0))
         n_in = 1 if n == 1 else (n - 1) * m
         n_alloc = k * (m + 1 if valuation == "unit_demand" else m)
-        n_out = n_alloc + k + (m if self.item_prices else 0)
+        n_fees = {"": 0, "entry": 1, "bundle": len(bundle_matrix(m, valuation))}[self.fees]
+        n_item_out = (m if self.item_prices else 0) + n_fees
+        n_out = n_alloc + k + n_item_out
         sizes = [n_in] + ([] if n == 1 else [config.hidden] * config.layers) + [n_out]
         glorot = nnx.initializers.glorot_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
         self.weights = nnx.List(
@@ -214,6 +251,9 @@ class GemNet(nnx.Module):
         price0 = jnp.log(jnp.expm1(price_frac))  # softplus^-1
         # posted item prices (in [0, highest value]) start at half the item's highest value
         item0 = jnp.zeros((n, m if self.item_prices else 0))
+        if n_fees:  # fees start at 1% of the grand bundle's highest value
+            fee0 = jnp.full((n, n_fees), float(np.log(np.expm1(0.01))))
+            item0 = jnp.concatenate([item0, fee0], axis=-1)
         biases[-1] = jnp.concatenate([logit0, price0, item0], axis=-1)
         self.biases = nnx.List([nnx.Param(b) for b in biases])
 
@@ -261,6 +301,20 @@ class GemNet(nnx.Module):
         extra = len(bundle_matrix(self.n_items, self.valuation)) if self.item_prices else 0
         return self.menu_size + extra + 1
 
+    @property
+    def compatible_by_construction(self) -> bool:
+        """Whether no profile can over-allocate, whatever the weights: one bidder, or a menu of
+        item-price bundles only (``menu_size == 0`` with ``item_prices``).
+
+        Proof for the bundles: bidder ``i``'s utility for bundle ``S`` plus item ``j`` minus its
+        utility for ``S`` is ``v_ij - q_ij`` minus a fee difference ``>= 0`` (fees are monotone),
+        so a utility-maximising bidder buys ``j`` only if ``v_ij >= q_ij > max_{k != i} b_kj +
+        eps_j``. Two bidders ``i, k`` buying ``j`` would need ``v_ij > v_kj + eps_j`` and
+        ``v_kj > v_ij + eps_j``. Float32 rounding of the utilities (``~1e-6`` of the value
+        scale) stays below ``eps_j = TIE_MARGIN * high_j``.
+        """
+        return self.n_bidders == 1 or (self.item_prices and self.menu_size == 0)
+
     def _head(self, out):
         """Raw network outputs ``[*batch, bidders, n_out]`` to (alloc logits, raw prices)."""
         m, k = self.n_items, self.menu_size
@@ -271,6 +325,13 @@ class GemNet(nnx.Module):
     def _bundle_elements(self, out, bids):
         """The item-price elements (alloc ``[*batch, n, B, m]``, price ``[*batch, n, B]``)."""
         n, m = self.n_bidders, self.n_items
+        fee = None
+        if self.fees:  # the fees' outputs come last, after the item prices'
+            n_fees = 1 if self.fees == "entry" else len(bundle_matrix(m, self.valuation))
+            fee = self.price_scale * jax.nn.softplus(out[..., -n_fees:])  # [*batch, n, 1 or B]
+            if self.fees == "bundle" and self.valuation == "additive":
+                fee = _monotone_over_subsets(fee, m)
+            out = out[..., :-n_fees]
         raw = out[..., -m:]  # [*batch, n, m]: the item-price outputs come last
         q = jnp.asarray(self.item_scale, out.dtype) * jax.nn.sigmoid(raw)  # learned reserves
         if n > 1:  # just above the highest other bid on each item: ties are not sold twice
@@ -279,7 +340,8 @@ class GemNet(nnx.Module):
             q = jnp.maximum(q, jnp.max(others, axis=-2) + margin)
         bundles = jnp.asarray(bundle_matrix(m, self.valuation), out.dtype)  # [B, m]
         alloc = jnp.broadcast_to(bundles, (*out.shape[:-1], *bundles.shape))
-        return alloc, q @ bundles.T
+        price = q @ bundles.T
+        return alloc, price if fee is None else price + fee
 
     def _alloc_from_logits(self, logits):
         if self.valuation == "unit_demand":

@@ -1326,6 +1326,12 @@ def repair(
         raise RepairError(
             "the repair does not support GemNets with item_prices=True (their bundles' prices "
             "follow the others' bids through a max that the bounds and certificate do not model)"
+            + (
+                "; this one has no learned elements and needs no repair: it is compatible by "
+                "construction (GemNet.compatible_by_construction)"
+                if model.compatible_by_construction
+                else ""
+            )
         )
     checker = _Checker(model, grid, offsets, config, scale)
     workers = config.workers or os.cpu_count() or 1

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -366,3 +367,27 @@ def test_committed_gemnet_certificate_verifies(name, folder, bound):
     )
     assert est["revenue"].value == pytest.approx(revenue["value"], abs=1e-6)
     assert est["over_allocation_rate"].value == 0.0
+
+
+def test_gemnet_fee_menus_need_no_repair(tmp_path):
+    """``--fees``: item-price bundles with bundle fees, compatible by construction; the revenue
+    suite takes the network as it is."""
+    from benchmarks.revenue import RevenueConfig, _gemnet
+
+    out = tmp_path / "gemnet"
+    name = "additive_2x2_uniform"
+    assert main(["gemnet", "--quick", "--fees", "--settings", name, "--out", str(out)]) == 0
+    by = {(r["setting"], r["mechanism"], r["metric"]): r for r in _records(out / "gemnet.json")}
+    certified = by[(name, "gemnet_fees", "certified")]
+    assert certified["value"] == 1.0 and certified["certified_by"] == "construction"
+    assert by[(name, "gemnet_fees", "over_allocation_rate")]["value"] == 0.0
+    assert by[(name, "gemnet_fees", "adversarial_over_allocation")]["value"] <= 1e-6
+    assert by[(name, "gemnet_fees", "regret_max")]["value"] <= 1e-5
+    assert not any(key[1].startswith("gemnet_repaired") for key in by)
+    ckpt = out / "checkpoints" / f"gemnet_{name}_fees"
+    assert not (ckpt / "certificate").exists()
+    shutil.copytree(ckpt, tmp_path / "committed" / f"gemnet_{name}")
+    config = RevenueConfig(checkpoints_dir=str(tmp_path / "committed"))
+    mech, label, facts = _gemnet(get_setting(name), config)
+    assert label == "gemnet" and facts["compatible_by_construction"]
+    assert mech.compatible_by_construction

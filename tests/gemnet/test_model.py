@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ from flax import nnx
 from diffecon import check_mechanism, get_setting
 from diffecon.baselines import itemwise_myerson
 from gemnet import GemNet, GemNetConfig, choose, menu_bounds, menu_utilities
-from gemnet.model import TIE_MARGIN, menu_jacobians, others_bids
+from gemnet.model import TIE_MARGIN, _monotone_over_subsets, menu_jacobians, others_bids
 
 SMALL = GemNetConfig(menu_size=6, hidden=16)
 RELU = GemNetConfig(menu_size=6, hidden=16, alloc_clip=0.1, activation="relu")
@@ -302,3 +304,105 @@ def test_item_price_menus_are_strategy_proof_and_checked():
             config=ITEM_PRICES,
             rngs=nnx.Rngs(0),
         )
+
+
+ENTRY_FEE = GemNetConfig(menu_size=0, hidden=16, item_prices=True, fees="entry")
+
+
+def _spread_item_outputs(model: GemNet, scale: float) -> GemNet:
+    """Larger last-layer weights: reserves and fees that vary widely with ``b_-i``."""
+    model.weights[-1][...] = scale * model.weights[-1][...]
+    return model
+
+
+def test_monotone_over_subsets_is_the_running_maximum():
+    fee = jax.random.uniform(jax.random.key(0), (5, 15))  # 4 items
+    got = np.asarray(_monotone_over_subsets(fee, 4))
+    f = np.concatenate([np.zeros((5, 1)), np.asarray(fee)], axis=-1)
+    for c in range(1, 16):
+        subsets = [t for t in range(1, 16) if t & c == t]
+        np.testing.assert_array_equal(got[:, c - 1], f[:, subsets].max(-1))
+
+
+@pytest.mark.parametrize(
+    ("name", "fees"),
+    [("additive_3x3_uniform", "entry"), ("additive_2x3_uniform", "bundle")],
+)
+def test_fees_keep_item_prices_marginal_and_never_over_allocate(name, fees):
+    setting = get_setting(name)
+    config = dataclasses.replace(ENTRY_FEE, fees=fees)
+    model = _spread_item_outputs(_model(name, seed=3, config=config), 4.0)
+    n, m = setting.n_bidders, setting.n_items
+    assert model.compatible_by_construction and model.n_elements == 2**m
+    bids = setting.sample(jax.random.key(6), (4096,))
+    bids = bids.at[:64].set(1.0).at[64:128, :, 0].set(0.5)  # ties
+    bids = bids.at[128:192, 0, 0].set(jnp.nextafter(bids[128:192, 1, 0], 2.0))
+    menus = model.menus(bids)
+    # bundle code c sits at row c - 1 (the null element, code 0, is last); adding item j to a
+    # bundle costs at least the highest other bid on j
+    price = jnp.concatenate([menus.price[..., -1:], menus.price[..., :-1]], axis=-1)
+    highest_other = jnp.max(others_bids(bids).reshape(-1, n, n - 1, m), axis=-2)
+    for c in range(1, 2**m):
+        for j in range(m):
+            if c >> j & 1:
+                marginal = price[..., c] - price[..., c ^ (1 << j)]
+                assert bool(jnp.all(marginal >= highest_other[..., j] - 1e-6))
+    assert bool(jnp.all(menus.price[..., :-1] > 0))
+    if fees == "entry":  # one fee: the grand bundle costs the items' prices plus the same fee
+        single = price[..., [1 << j for j in range(m)]]
+        f = (jnp.sum(single, -1) - price[..., 2**m - 1]) / (m - 1)
+        assert bool(jnp.all(f > 0)) and float(jnp.std(f)) > 1e-3
+    out = model(bids)
+    assert float(jnp.max(jnp.sum(out.alloc, axis=-2))) <= 1.0
+    assert float(jnp.mean(jnp.sum(out.alloc, axis=(-2, -1)))) > 0.05  # items are sold
+    if fees == "bundle":  # the conformance checker once (it is the slow part)
+        check_mechanism(model, setting)
+
+
+def test_entry_fee_binds():
+    """A bidder who enters buys exactly the items it values above their prices, and some bidders
+    with positive surplus at the item prices stay out."""
+    setting = get_setting("additive_3x3_uniform")
+    model = _spread_item_outputs(_model(setting.name, seed=3, config=ENTRY_FEE), 4.0)
+    bids = setting.sample(jax.random.key(6), (4096,))
+    menus, m = model.menus(bids), setting.n_items
+    single = menus.price[..., [2**j - 1 for j in range(m)]]
+    fee = (jnp.sum(single, -1) - menus.price[..., 2**m - 2]) / (m - 1)
+    q = single - fee[..., None]
+    out = model(bids)
+    entered = jnp.any(out.alloc > 0, axis=-1, keepdims=True)
+    clear = jnp.abs(bids - q) > 1e-5
+    above = (bids > q).astype(out.alloc.dtype)
+    np.testing.assert_array_equal(
+        np.asarray(jnp.where(entered & clear, out.alloc, 0)),
+        np.asarray(jnp.where(entered & clear, above, 0)),
+    )
+    surplus = jnp.sum(jnp.maximum(bids - q, 0.0), -1)
+    assert bool(jnp.any((surplus > 0) & ~entered[..., 0]))
+
+
+def test_entry_fee_menus_are_strategy_proof():
+    setting = get_setting("additive_3x3_uniform")
+    model = _model("additive_3x3_uniform", seed=4, config=ENTRY_FEE)
+    bids = setting.sample(jax.random.key(1), (64,))
+    moved = bids.at[:, 2].set(setting.sample(jax.random.key(9), (64,))[:, 2])
+    base, other = model.menus(bids), model.menus(moved)
+    np.testing.assert_array_equal(np.asarray(other.price[:, 2]), np.asarray(base.price[:, 2]))
+    assert not np.array_equal(np.asarray(other.price[:, 0]), np.asarray(base.price[:, 0]))
+
+
+def test_compatible_by_construction_only_without_learned_elements():
+    assert _model("additive_1x2_uniform").compatible_by_construction
+    assert not _model("additive_2x2_uniform").compatible_by_construction
+    assert not _model("additive_2x3_uniform", config=ITEM_PRICES).compatible_by_construction
+    no_fee = GemNetConfig(menu_size=0, hidden=16, item_prices=True)
+    assert _model("unit_2x2_uniform", config=no_fee).compatible_by_construction
+
+
+def test_entry_fee_and_empty_menus_are_rejected_without_item_prices():
+    with pytest.raises(ValueError, match="needs item_prices"):
+        _model("additive_2x2_uniform", config=GemNetConfig(fees="entry"))
+    with pytest.raises(ValueError, match="menu_size must be >= 1"):
+        _model("additive_2x2_uniform", config=GemNetConfig(menu_size=0))
+    with pytest.raises(ValueError, match="menu_size must be >= 1"):
+        _model("additive_2x2_uniform", config=GemNetConfig(menu_size=-1, item_prices=True))
