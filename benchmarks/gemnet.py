@@ -60,6 +60,18 @@ _RELU_2X2 = GemNetTrainConfig(
 )
 _TANH_128 = GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096)
 
+_ENTRY_FEE_10 = GemNetStage(
+    GemNetTrainConfig(
+        network=GemNetConfig(menu_size=0, item_prices=True, fees="entry", activation="relu"),
+        batch_size=1024,
+        kappa_init=100.0,
+        kappa_final=1000.0,
+        rho=0.0,
+        lagrange_init=0.0,
+    ),
+    6000,
+)
+
 # Per-setting training recipes (stages of steps, menu size, batch); others use the default.
 RECIPES: dict[str, tuple[GemNetStage, ...]] = {
     "additive_1x2_uniform": (GemNetStage(_ROCHETNET, 4000),),
@@ -82,21 +94,8 @@ RECIPES: dict[str, tuple[GemNetStage, ...]] = {
     # 30 coordinates: the repair's grid cannot hold the profile space. A menu of the 1,023
     # item-price bundles with a learned entry fee and no learned elements is compatible by
     # construction (GemNet.compatible_by_construction), so it needs no repair and no penalty.
-    "additive_3x10_uniform": (
-        GemNetStage(
-            GemNetTrainConfig(
-                network=GemNetConfig(
-                    menu_size=0, item_prices=True, fees="entry", activation="relu"
-                ),
-                batch_size=1024,
-                kappa_init=100.0,
-                kappa_final=1000.0,
-                rho=0.0,
-                lagrange_init=0.0,
-            ),
-            6000,
-        ),
-    ),
+    "additive_3x10_uniform": (_ENTRY_FEE_10,),
+    "additive_5x10_uniform": (_ENTRY_FEE_10,),
     # Exact 0/1 allocations (alloc_clip) let the two bidders split the items, as the optimum does.
     "yao_2x2_discrete_37": (
         GemNetStage(
