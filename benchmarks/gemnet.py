@@ -60,17 +60,25 @@ _RELU_2X2 = GemNetTrainConfig(
 )
 _TANH_128 = GemNetTrainConfig(network=GemNetConfig(menu_size=128, alloc_clip=0.1), batch_size=4096)
 
-_ENTRY_FEE_10 = GemNetStage(
-    GemNetTrainConfig(
-        network=GemNetConfig(menu_size=0, item_prices=True, fees="entry", activation="relu"),
-        batch_size=1024,
-        kappa_init=100.0,
-        kappa_final=1000.0,
-        rho=0.0,
-        lagrange_init=0.0,
-    ),
-    6000,
-)
+
+def _fee_menu_stage(fees: str, *, batch_size: int, steps: int) -> GemNetStage:
+    """Item-price bundles with ``fees`` and no learned elements: compatible by construction
+    (GemNet.compatible_by_construction), so trained with no penalty and never repaired."""
+    network = GemNetConfig(menu_size=0, item_prices=True, fees=fees, activation="relu")
+    return GemNetStage(
+        GemNetTrainConfig(
+            network=network,
+            batch_size=batch_size,
+            kappa_init=100.0,
+            kappa_final=1000.0,
+            rho=0.0,
+            lagrange_init=0.0,
+        ),
+        steps,
+    )
+
+
+_ENTRY_FEE_10 = _fee_menu_stage("entry", batch_size=1024, steps=6000)
 
 # Per-setting training recipes (stages of steps, menu size, batch); others use the default.
 RECIPES: dict[str, tuple[GemNetStage, ...]] = {
@@ -112,19 +120,7 @@ RECIPES: dict[str, tuple[GemNetStage, ...]] = {
 }
 # ``--fees``: menus of item-price bundles with monotone bundle fees and no learned elements,
 # compatible by construction (GemNet.compatible_by_construction): no repair, any number of bidders.
-FEE_RECIPE = (
-    GemNetStage(
-        GemNetTrainConfig(
-            network=GemNetConfig(menu_size=0, item_prices=True, fees="bundle", activation="relu"),
-            batch_size=4096,
-            kappa_init=100.0,
-            kappa_final=1000.0,
-            rho=0.0,
-            lagrange_init=0.0,
-        ),
-        10_000,
-    ),
-)
+FEE_RECIPE = (_fee_menu_stage("bundle", batch_size=4096, steps=10_000),)
 METRICS = TABLE_METRICS[SUITE]
 
 
